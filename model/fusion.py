@@ -1,0 +1,65 @@
+"""How a block's streams are combined: branch gating and causal cross-attention.
+
+Shapes: b batch, l length, d hidden, k branches, h heads, c channels per head (d / h).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BranchMixer(nn.Module):
+    """Mixes k branch outputs (each b l d) into one.
+
+    adaptive: per-token, per-head softmax gates over the branches, computed from the
+    block input, so each head's channels choose their own mixture at every token;
+    otherwise a fixed average.
+    """
+
+    def __init__(self, d: int, branches: int, heads: int, adaptive: bool):
+        super().__init__()
+        self.branches, self.heads = branches, heads
+        self.gate = nn.Linear(d, heads * branches) if adaptive else None
+        if self.gate is not None:
+            nn.init.normal_(self.gate.weight, std=0.02)
+            nn.init.zeros_(self.gate.bias)
+
+    def forward(self, h: torch.Tensor, outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the mixture (b l d) and the gates (b l h k), None without gating."""
+        if len(outs) != self.branches:
+            raise ValueError(f"expected {self.branches} branches, got {len(outs)}")
+        stacked = torch.stack(outs, dim=2)  # b l k d
+        if self.gate is None:
+            return stacked.mean(dim=2), None
+        b, l, k, d = stacked.shape
+        gates = self.gate(h).view(b, l, self.heads, k).softmax(dim=-1)  # b l h k
+        per_head = stacked.view(b, l, k, self.heads, d // self.heads)  # b l k h c
+        mixed = torch.einsum("blhk,blkhc->blhc", gates.to(per_head.dtype), per_head)  # b l h c
+        return mixed.reshape(b, l, d), gates
+
+
+class CausalCrossAttention(nn.Module):
+    """Queries from one stream attend to keys/values of another, token t seeing only
+    tokens <= t (``scaled_dot_product_attention(is_causal=True)``)."""
+
+    def __init__(self, d: int, heads: int, out_std: float):
+        super().__init__()
+        self.heads = heads
+        self.norm_q = nn.LayerNorm(d)
+        self.norm_kv = nn.LayerNorm(d)
+        self.q = nn.Linear(d, d, bias=False)
+        self.kv = nn.Linear(d, 2 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+        for lin in (self.q, self.kv):
+            nn.init.normal_(lin.weight, std=0.02)
+        nn.init.normal_(self.out.weight, std=out_std)
+
+    def forward(self, query_stream: torch.Tensor, kv_stream: torch.Tensor) -> torch.Tensor:
+        b, l, d = query_stream.shape
+        h = self.heads
+        q = self.q(self.norm_q(query_stream)).view(b, l, h, d // h).transpose(1, 2)  # b h l c
+        k, v = self.kv(self.norm_kv(kv_stream)).view(b, l, 2, h, d // h).permute(2, 0, 3, 1, 4)  # b h l c
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # b h l c
+        return self.out(attn.transpose(1, 2).reshape(b, l, d))  # b l d
