@@ -1,0 +1,1 @@
+"""Everything that keeps training healthy: trainer, guards, data, checkpoints, CLI."""

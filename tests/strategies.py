@@ -1,0 +1,25 @@
+"""Hypothesis strategies shared by the suite, named for the domain."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+
+@st.composite
+def token_streams(draw: st.DrawFn, max_len: int = 300, vocab_size: int = 50) -> torch.Tensor:
+    """A 1-D int64 token stream of 0..max_len tokens below ``vocab_size``."""
+    ids = draw(st.lists(st.integers(0, vocab_size - 1), max_size=max_len))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def window_shapes() -> st.SearchStrategy[tuple[int, int]]:
+    """(batch_size, seq_len) of a batcher."""
+    return st.tuples(st.integers(1, 8), st.integers(1, 24))
+
+
+def relative_paths() -> st.SearchStrategy[list[str]]:
+    """Distinct relative POSIX paths, as documents of a corpus are keyed."""
+    part = st.text("abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=8)
+    path = st.lists(part, min_size=1, max_size=3).map(lambda parts: "/".join(parts) + ".txt")
+    return st.lists(path, min_size=2, max_size=40, unique=True)
