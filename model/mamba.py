@@ -1,0 +1,112 @@
+"""The Mamba mixer block, as mamba-ssm's ``mamba_simple.Mamba`` (its non-fused path).
+
+Parameter names equal mamba-ssm's, so its state dicts load into this module and back.
+
+Shape letters:
+    b  batch
+    l  sequence length
+    d  model width (d_model)
+    e  inner width, expand * d (d_inner)
+    n  state size per channel (d_state)
+    r  rank of the delta projection (dt_rank)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+from model.ssm import SCAN_IMPLS, ScanImpl, selective_scan
+
+
+class Mamba(nn.Module):
+    """in_proj -> causal depthwise conv + silu -> selective scan gated by silu(z) -> out_proj."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_scale: float = 1.0,
+        conv_bias: bool = True,
+        bias: bool = False,
+        scan_impl: ScanImpl = "auto",
+    ) -> None:
+        super().__init__()
+        if scan_impl not in SCAN_IMPLS:
+            raise ValueError(f"unknown scan_impl {scan_impl!r}; valid: {', '.join(SCAN_IMPLS)}")
+        if not 0.0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
+        self.scan_impl = scan_impl
+        e, n, r = self.d_inner, d_state, self.dt_rank
+
+        self.in_proj = nn.Linear(d_model, 2 * e, bias=bias)
+        self.conv1d = nn.Conv1d(e, e, d_conv, groups=e, padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, e, bias=True)
+        self.out_proj = nn.Linear(e, d_model, bias=bias)
+        self._init_dt_proj(dt_min, dt_max, dt_init_floor, dt_scale)
+
+        # S4D-real: A[e, :] = -(1..n). A deterministic log of positive integers: never NaN.
+        A = torch.arange(1, n + 1, dtype=torch.float32).repeat(e, 1)  # (e n)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
+        self.D = nn.Parameter(torch.ones(e))
+        self.D._no_weight_decay = True  # type: ignore[attr-defined]
+
+    def _init_dt_proj(self, dt_min: float, dt_max: float, floor: float, scale: float) -> None:
+        """Weight uniform in +-scale/sqrt(r); bias so that softplus(bias) = dt, with dt
+        log-uniform in [dt_min, dt_max] (clamped at ``floor``), as mamba-ssm does."""
+        std = self.dt_rank**-0.5 * scale
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        log_dt = torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = torch.exp(log_dt).clamp(min=floor)  # (e)
+        inv_softplus = dt + torch.log(-torch.expm1(-dt))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inv_softplus)
+        self.dt_proj.bias._no_reinit = True  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Mamba:
+        return cls(
+            cfg.hidden_dim,
+            d_state=cfg.mamba_d_state,
+            d_conv=cfg.mamba_d_conv,
+            expand=cfg.mamba_expand,
+            dt_rank=cfg.mamba_dt_rank,
+            scan_impl=cfg.scan_impl,
+        )
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """(b l d) -> (b l d); position t reads positions <= t only."""
+        l = hidden.shape[1]
+        xz = self.in_proj(hidden).transpose(1, 2)  # (b 2e l)
+        x, z = xz.chunk(2, dim=1)  # (b e l) each
+        x = F.silu(self.conv1d(x)[..., :l])  # causal: drop the outputs that read the right pad
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (b l r+2n)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b e l)
+        A = -torch.exp(self.A_log.float())  # (e n)
+        y = selective_scan(
+            x, delta, A,
+            B.transpose(1, 2).contiguous(),  # (b n l)
+            C.transpose(1, 2).contiguous(),  # (b n l)
+            self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            impl=self.scan_impl,
+        )  # (b e l)
+        return self.out_proj(y.transpose(1, 2))  # (b l d)
