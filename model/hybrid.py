@@ -1,0 +1,196 @@
+"""The hybrid liquid-spiking-Mamba language model.
+
+A pre-norm residual stack. Each block reads h = norm(x) and runs
+
+    spiking stream   h -> LIF -> synapse -> LIF -> spike features     (model.spiking)
+    liquid stream    [h, spike features] -> CfC/LTC over tokens        (model.liquid)
+    Mamba stream     selective state-space mixer, if --use-mamba       (model.mamba)
+
+combined by ``--integration-mode``:
+
+    sequential     spiking -> liquid -> Mamba: the Mamba stream reads the liquid/spiking
+                   stream's output
+    parallel       the liquid/spiking stream and the Mamba stream both read h, side by side
+    bidirectional  spike features feed the Mamba input (spike -> Mamba) and the Mamba output
+                   feeds the liquid cell's input (Mamba -> liquid)
+
+then the branches are mixed (adaptive gates or a fixed average), optionally after causal
+cross-attention between the streams, and a feed-forward layer follows. Without Mamba the
+two branches are the spiking and the liquid outputs, each projected to d.
+
+Shapes: b batch, l length, d hidden, s spiking units, q liquid units, v vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.config import INTEGRATION_MODES, ModelConfig
+from model.fusion import BranchMixer, CausalCrossAttention
+from model.liquid import LiquidLayer
+from model.mamba import Mamba
+from model.spiking import SpikeTrace, SpikingPath
+
+
+@dataclass
+class BlockAux:
+    """Per-block internals returned with ``return_aux=True`` (no second forward pass)."""
+
+    spikes: SpikeTrace
+    gates: torch.Tensor | None  # b l h k, None without adaptive gating
+
+
+@dataclass
+class HybridOutput:
+    logits: torch.Tensor  # b l v
+    blocks: list[BlockAux]
+
+
+def _linear(d_in: int, d_out: int, std: float, bias: bool = True) -> nn.Linear:
+    lin = nn.Linear(d_in, d_out, bias=bias)
+    nn.init.normal_(lin.weight, std=std)
+    if bias:
+        nn.init.zeros_(lin.bias)
+    return lin
+
+
+class HybridBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        d, s, q = cfg.hidden_dim, cfg.spiking_units, cfg.liquid_units
+        self.cfg, self.index = cfg, index
+        out_std = 0.02 / math.sqrt(2 * cfg.num_layers)  # residual outputs shrink with depth
+        self.norm = nn.RMSNorm(d)
+        self.spiking = SpikingPath(cfg)
+        self.liquid = LiquidLayer.from_config(cfg, input_size=d + s)
+        if cfg.use_mamba:
+            self.mamba = Mamba.from_config(cfg)
+            self.stream_out = _linear(s + q, d, out_std)  # liquid/spiking stream -> d
+            if cfg.integration_mode == "bidirectional":
+                self.spike_to_mamba = _linear(s, d, 0.02)
+                self.mamba_to_liquid = _linear(d, d, 0.02)
+            if cfg.use_cross_attention:
+                self.cross_attn = CausalCrossAttention(d, cfg.cross_attn_heads, out_std)
+                if cfg.integration_mode == "bidirectional":
+                    self.cross_attn_back = CausalCrossAttention(d, cfg.cross_attn_heads, out_std)
+        else:
+            self.spike_out = _linear(s, d, out_std)
+            self.liquid_out = _linear(q, d, out_std)
+        self.mixer = BranchMixer(d, 2, cfg.num_gate_heads, cfg.use_adaptive_gating)
+        self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.mlp_ratio:
+            self.mlp_norm = nn.RMSNorm(d)
+            self.mlp = nn.Sequential(
+                _linear(d, cfg.mlp_ratio * d, 0.02), nn.GELU(), _linear(cfg.mlp_ratio * d, d, out_std)
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, BlockAux]:
+        h = self.norm(x)  # b l d
+        spikes = self.spiking(h)
+        if self.cfg.use_mamba:
+            branches = self._with_mamba(h, spikes.features)
+        else:
+            liq, _ = self.liquid(torch.cat([h, spikes.features], dim=-1))  # b l q
+            branches = [self.spike_out(spikes.features), self.liquid_out(liq)]
+        mixed, gates = self.mixer(h, branches)  # b l d
+        x = x + self.dropout(mixed)
+        if self.cfg.mlp_ratio:
+            x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x, BlockAux(spikes=spikes, gates=gates)
+
+    def _with_mamba(self, h: torch.Tensor, feats: torch.Tensor) -> list[torch.Tensor]:
+        mode = self.cfg.integration_mode
+        if mode == "bidirectional":
+            m = self.mamba(h + self.spike_to_mamba(feats))  # spike -> Mamba
+            liq_in = h + self.mamba_to_liquid(m)  # Mamba -> liquid
+        else:
+            liq_in = h
+        liq, _ = self.liquid(torch.cat([liq_in, feats], dim=-1))  # b l q
+        a = self.stream_out(torch.cat([feats, liq], dim=-1))  # b l d
+        if mode == "sequential":
+            m = self.mamba(h + a)  # spiking -> liquid -> Mamba
+        elif mode == "parallel":
+            m = self.mamba(h)
+        if self.cfg.use_cross_attention:
+            a_new = a + self.cross_attn(a, m)  # liquid/spiking stream reads the Mamba stream
+            if mode == "bidirectional":
+                m = m + self.cross_attn_back(m, a)  # and the Mamba stream reads it back
+            a = a_new
+        return [a, m]
+
+
+def create_block(cfg: ModelConfig, index: int) -> HybridBlock:
+    """The block for ``cfg``'s layout; raises on an integration mode it does not know."""
+    if cfg.integration_mode not in INTEGRATION_MODES:
+        raise ValueError(
+            f"unknown --integration-mode {cfg.integration_mode!r}; valid: {', '.join(INTEGRATION_MODES)}"
+        )
+    return HybridBlock(cfg, index)
+
+
+# Parameter-name fragments -> component, first match wins (for the CLI's summary).
+_COMPONENTS = (
+    ("embedding", "embedding"),
+    ("stream_out", "fusion"),
+    ("spike_out", "fusion"),
+    ("liquid_out", "fusion"),
+    ("spike_to_mamba", "fusion"),
+    ("mamba_to_liquid", "fusion"),
+    ("spiking", "spiking"),
+    ("liquid.", "liquid"),
+    ("mamba.", "mamba"),
+    ("cross_attn", "cross_attention"),
+    ("mixer", "gating"),
+    ("mlp", "mlp"),
+    ("head", "head"),
+    ("norm", "norm"),
+)
+
+
+class HybridLM(nn.Module):
+    """``HybridLM(cfg)(tokens)`` -> logits (b l v); ``return_aux=True`` also returns each
+    block's spike trains, membrane potentials and gates."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_dim
+        self.embedding = nn.Embedding(cfg.vocab_size, d)
+        # Tied logits have std ~ std_e * sqrt(d); keep it near 0.25 so the first loss is
+        # within a few hundredths of a nat of ln(vocab), whatever the width.
+        nn.init.normal_(self.embedding.weight, std=min(0.02, 0.25 / math.sqrt(d)))
+        self.blocks = nn.ModuleList(create_block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embedding.weight
+        else:
+            nn.init.zeros_(self.head.weight)
+
+    def forward(self, tokens: torch.Tensor, return_aux: bool = False) -> torch.Tensor | HybridOutput:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"tokens must be an integer tensor of shape (batch, length), got "
+                f"{tuple(tokens.shape)} {tokens.dtype}"
+            )
+        x = self.embedding(tokens)  # b l d
+        aux = []
+        for block in self.blocks:
+            x, block_aux = block(x)
+            aux.append(block_aux)
+        logits = self.head(self.norm(x))  # b l v
+        return HybridOutput(logits, aux) if return_aux else logits
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters by component (a tied head counts once, as embedding)."""
+        counts: Counter[str] = Counter()
+        for name, p in self.named_parameters():
+            component = next((c for frag, c in _COMPONENTS if frag in name), "other")
+            counts[component] += p.numel()
+        counts["total"] = sum(counts.values())
+        return dict(counts)
