@@ -23,3 +23,19 @@ def relative_paths() -> st.SearchStrategy[list[str]]:
     part = st.text("abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=8)
     path = st.lists(part, min_size=1, max_size=3).map(lambda parts: "/".join(parts) + ".txt")
     return st.lists(path, min_size=2, max_size=40, unique=True)
+
+
+TRANSIENT_SITES = ("loss", "grad", "activation[blocks.0]", "grad[blocks.1]", "overflow")
+FAULT_KINDS = ("nan", "inf", "-inf")
+
+
+@st.composite
+def fault_plans(draw: st.DrawFn, steps: int = 12, max_faults: int = 4) -> str:
+    """An --inject-fault plan of transient faults (each poisons one step and leaves the
+    weights alone) at distinct steps in 2..steps-2, possibly empty."""
+    at = draw(st.lists(st.integers(2, steps - 2), max_size=max_faults, unique=True))
+    items = []
+    for step in sorted(at):
+        site = draw(st.sampled_from(TRANSIENT_SITES))
+        items.append(f"overflow@{step}" if site == "overflow" else f"{site}:{draw(st.sampled_from(FAULT_KINDS))}@{step}")
+    return ",".join(items)

@@ -1,0 +1,165 @@
+"""The step guard: classify every optimizer step on the device, without a host sync.
+
+A step is one of
+
+    OK               finite loss, finite gradients
+    NONFINITE_LOSS   a micro-batch loss was NaN/inf: the whole accumulation window is void
+    OVERFLOW         the loss was finite but the gradient norm is not (fp16 overflow, NaN grads)
+    SPIKE            the gradient norm is a z-score outlier and --spike-policy is skip
+
+and every non-OK step is skipped: the skip flag goes to the fused optimizer as its
+``found_inf`` (the protocol GradScaler itself uses with fused optimizers), so parameters,
+Adam moments and step counts stay bit-for-bit untouched. The learning-rate schedule
+reads ``good_steps``, which a skipped step does not advance.
+
+Spikes (ZClip-style): a running mean and variance of the finite gradient norms gives a
+threshold mean + z * std; under ``clip`` a norm above it is clipped to it, under ``skip``
+the step is skipped. Non-finite norms never enter the statistics.
+
+Counters (skips by reason, grad-norm bands, consecutive skips) and a per-step history of
+the last ``window`` steps live on the device; the trainer reads them every --log-every
+steps with one sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from stability.config import GuardConfig
+
+OK, NONFINITE_LOSS, OVERFLOW, SPIKE = 0, 1, 2, 3
+REASONS = ("ok", "nonfinite_loss", "overflow", "spike")
+BANDS = ("low", "healthy", "high", "critical", "exploded")
+# columns of the history buffer
+H_LOSS, H_NORM, H_REASON, H_BAND, H_SCALE, H_LR = range(6)
+
+
+@dataclass
+class Verdict:
+    """The guard's decision for one step; every field is a device tensor."""
+
+    skip: torch.Tensor  # float 0/1, the optimizer's found_inf
+    reason: torch.Tensor  # int64, index into REASONS
+    band: torch.Tensor  # int64, index into BANDS
+    max_norm: torch.Tensor  # clip threshold for this step (inf: no clipping)
+    overflow: torch.Tensor  # bool
+    loss_ok: torch.Tensor  # bool
+
+
+def band_edges(cfg: GuardConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor([cfg.band_healthy, cfg.band_high, cfg.band_critical], device=device)
+
+
+def band_of(norm: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Index into BANDS of a gradient norm (device op), as the write-up draws them:
+    low < 0.5 <= healthy <= 5 < high <= 10 < critical; exploded when non-finite."""
+    n = norm.float()
+    band = (n >= edges[0]).long() + (n > edges[1]).long() + (n > edges[2]).long()
+    return torch.where(torch.isfinite(n), band, len(BANDS) - 1)
+
+
+def band_name(norm: float, cfg: GuardConfig) -> str:
+    return BANDS[int(band_of(torch.tensor(norm), band_edges(cfg)))]
+
+
+class StepGuard:
+    def __init__(self, cfg: GuardConfig, device: torch.device | str, gradient_clip: float, window: int):
+        self.cfg = cfg
+        self.gradient_clip = gradient_clip
+        self.window = window
+        dev = torch.device(device)
+        z = lambda dtype=torch.int64: torch.zeros((), dtype=dtype, device=dev)  # noqa: E731
+        self.good_steps = z()
+        self.consecutive_skips = z()
+        self.skips = torch.zeros(len(REASONS), dtype=torch.int64, device=dev)
+        self.bands = torch.zeros(len(BANDS), dtype=torch.int64, device=dev)
+        self.spikes_clipped = z()
+        self.norm_mean = z(torch.float32)
+        self.norm_var = z(torch.float32)
+        self.norm_count = z()
+        self.history = torch.full((window, 6), float("nan"), device=dev)
+        self._one = torch.ones((), device=dev)
+        self._edges = band_edges(cfg, dev)
+
+    def judge(self, loss_ok: torch.Tensor, grad_norm: torch.Tensor) -> Verdict:
+        """Classify a step from the AND of its micro-batch finite flags and its total
+        (pre-clip) gradient norm."""
+        c = self.cfg
+        norm = grad_norm.float()
+        grads_ok = torch.isfinite(norm)
+        threshold = self.norm_mean + c.spike_zscore * self.norm_var.clamp(min=0).sqrt()
+        armed = self.norm_count >= c.spike_warmup
+        spike = grads_ok & armed & (norm > threshold) & (c.spike_policy != "off")
+        skip_spike = spike & (c.spike_policy == "skip")
+        reason = torch.where(~loss_ok, NONFINITE_LOSS,
+                             torch.where(~grads_ok, OVERFLOW, torch.where(skip_spike, SPIKE, OK)))
+        skip = (reason != OK).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(skip, op=dist.ReduceOp.MAX)  # every rank takes the same decision
+        max_norm = torch.full_like(norm, self.gradient_clip if self.gradient_clip > 0 else float("inf"))
+        if c.spike_policy == "clip":
+            max_norm = torch.where(spike, torch.minimum(max_norm, threshold), max_norm)
+            self.spikes_clipped += spike.long()
+        band = band_of(norm, self._edges)
+        self._update_norm_stats(norm, grads_ok, torch.where(spike, threshold, norm))
+        return Verdict(skip=skip, reason=reason, band=band, max_norm=max_norm,
+                       overflow=loss_ok & ~grads_ok, loss_ok=loss_ok)
+
+    def _update_norm_stats(self, norm: torch.Tensor, finite: torch.Tensor, value: torch.Tensor) -> None:
+        # a plain running mean while warming up, an EMA after; non-finite norms excluded
+        alpha = torch.maximum(1.0 / (self.norm_count + 1).float(), self._one * (1 - self.cfg.spike_ema))
+        alpha = torch.where(finite, alpha, 0.0)
+        value = torch.where(finite, value, 0.0)
+        delta = value - self.norm_mean
+        self.norm_mean = self.norm_mean + alpha * delta
+        self.norm_var = (1 - alpha) * (self.norm_var + alpha * delta * delta)
+        self.norm_count = self.norm_count + finite.long()
+
+    def commit(self, step: int, verdict: Verdict, loss: torch.Tensor, grad_norm: torch.Tensor,
+               scale: torch.Tensor, lr: torch.Tensor, counts_toward_rollback: torch.Tensor) -> None:
+        """Record a judged step in the counters and the history (device ops only)."""
+        skipped = verdict.reason != OK
+        self.skips[verdict.reason] += 1
+        self.bands[verdict.band] += 1
+        self.good_steps += (~skipped).long()
+        rollback_skip = skipped & counts_toward_rollback
+        self.consecutive_skips = torch.where(rollback_skip, self.consecutive_skips + 1,
+                                             torch.where(skipped, self.consecutive_skips, 0))
+        row = torch.stack([loss.float(), grad_norm.float(), verdict.reason.float(),
+                           verdict.band.float(), scale.float(), lr.float()])
+        self.history[step % self.window].copy_(row)
+
+    def read(self) -> dict[str, Any]:
+        """Every counter and the history window, as Python values: one host sync."""
+        flat = torch.cat([
+            self.skips.double(), self.bands.double(),
+            torch.stack([self.good_steps, self.consecutive_skips, self.spikes_clipped]).double(),
+            self.history.double().flatten(),
+        ]).tolist()  # host sync
+        n_r, n_b = len(REASONS), len(BANDS)
+        history = flat[n_r + n_b + 3:]
+        return {
+            "skips": dict(zip(REASONS, map(int, flat[:n_r]))),
+            "bands": dict(zip(BANDS, map(int, flat[n_r:n_r + n_b]))),
+            "good_steps": int(flat[n_r + n_b]),
+            "consecutive_skips": int(flat[n_r + n_b + 1]),
+            "spikes_clipped": int(flat[n_r + n_b + 2]),
+            "history": [history[i * 6:(i + 1) * 6] for i in range(self.window)],
+        }
+
+    _STATE = ("good_steps", "consecutive_skips", "skips", "bands", "spikes_clipped",
+              "norm_mean", "norm_var", "norm_count", "history")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).clone() for name in self._STATE}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self._STATE:
+            setattr(self, name, state[name].to(getattr(self, name).device).clone())
+        if self.history.shape[0] != self.window:
+            raise ValueError(f"guard state has a history of {self.history.shape[0]} steps, this run logs every "
+                             f"{self.window}; resume with the same --log-every")

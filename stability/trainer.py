@@ -1,0 +1,247 @@
+"""The training step and the state it owns.
+
+``Trainer.train_step`` reads top to bottom:
+
+    lr -> forward/backward over micro-batches -> unscale -> clip -> guarded step
+       -> scaler update -> zero_grad(set_to_none=True) -> record
+
+Nothing in it reads a tensor on the host: the decision to skip is a device tensor handed
+to the fused optimizer, the learning rate is computed on the device from the count of
+good steps, and the counters are read by the run loop every --log-every steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stability.config import ConfigError, GuardConfig, TrainConfig
+from stability.faults import FaultInjector
+from stability.guard import OVERFLOW, StepGuard, Verdict
+from stability.scaler import LossScalePolicy
+from stability.schedule import get_lr
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (b l), targets (b l) with -100 masked
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
+    return torch.device(name)
+
+
+def resolve_amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """None for fp32 training; bf16 where supported under auto, else fp16."""
+    if not cfg.mixed_precision:
+        return None
+    if cfg.amp_dtype == "fp16":
+        return torch.float16
+    if cfg.amp_dtype == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; targets of -100 (padding) are ignored."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """One group per block and per decay/no-decay, so meta-plasticity can scale each
+    block's learning rate; biases, norms and parameters marked ``_no_weight_decay``
+    (Mamba's A_log and D) are not decayed."""
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        parts = name.split(".")
+        block = f"blocks.{parts[1]}" if parts[0] == "blocks" else "shared"
+        decay = p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)
+        groups.setdefault((block, decay), []).append(p)
+    return [
+        {"params": ps, "name": block, "weight_decay": weight_decay if decay else 0.0}
+        for (block, decay), ps in groups.items()
+    ]
+
+
+def clip_(grads: list[torch.Tensor], max_norm: torch.Tensor, norm: torch.Tensor) -> None:
+    """Scale ``grads`` so their total norm is at most ``max_norm`` (a device tensor).
+
+    ``clip_grads_with_norm_`` would do, but it calls ``float(max_norm)``: a host sync per
+    step once the threshold is adaptive. This is its arithmetic, kept on the device.
+    """
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, coef)
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step; every tensor stays on the device."""
+
+    loss: torch.Tensor  # mean micro-batch loss
+    grad_norm: torch.Tensor  # total norm before clipping
+    verdict: Verdict | None  # None when unguarded
+    tokens: int
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        guard_cfg: GuardConfig,
+        device: torch.device,
+        total_steps: int,
+        amp_dtype: torch.dtype | None = None,
+        injector: FaultInjector | None = None,
+        aux_hook: Callable[[Any, Verdict | None], None] | None = None,
+        loss_hook: Callable[[nn.Module], torch.Tensor] | None = None,
+    ):
+        self.model, self.cfg, self.guard_cfg = model, cfg, guard_cfg
+        self.device, self.total_steps, self.amp_dtype = device, total_steps, amp_dtype
+        self.injector, self.aux_hook, self.loss_hook = injector, aux_hook, loss_hook
+        groups = param_groups(model, cfg.weight_decay)
+        for g in groups:
+            g["lr"] = torch.zeros((), device=device)  # a tensor: set on the device each step
+        self.optimizer = torch.optim.AdamW(groups, lr=torch.zeros((), device=device), fused=True)
+        self.params = [p for g in groups for p in g["params"]]
+        # per-group learning-rate multipliers (meta-plasticity) and the rollback factor
+        self.group_lr_scale = torch.ones(len(groups), device=device)
+        self.lr_factor = torch.ones((), device=device)
+        self.policy = LossScalePolicy(guard_cfg, device, enabled=amp_dtype == torch.float16)
+        self.guard = StepGuard(guard_cfg, device, cfg.gradient_clip, window=cfg.log_every)
+        self.step = 0  # optimizer steps taken or skipped; restored by rollback and resume
+        self.attempt = 0  # optimizer-step attempts; never goes back (fault plans key on it)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def current_lr(self) -> torch.Tensor:
+        c = self.cfg
+        base = get_lr(self.guard.good_steps, c.learning_rate, c.warmup_steps, self.total_steps, c.min_lr_ratio)
+        return base * self.lr_factor
+
+    def train_step(self, batches: list[Batch]) -> StepOutput:
+        """One optimizer step over ``batches`` (the micro-batches of one window)."""
+        self.attempt += 1
+        if self.injector:
+            self.injector.begin_step(self.attempt)
+        # 1. learning rate, on the device
+        lr = self.current_lr()
+        for group, scale in zip(self.optimizer.param_groups, self.group_lr_scale.unbind(0)):
+            group["lr"].copy_(lr * scale)
+        # 2. forward and backward over the micro-batches
+        self.model.train()
+        loss_ok = torch.ones((), dtype=torch.bool, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for micro, (x, y) in enumerate(batches):
+            with self.autocast():
+                out = self.model(x, return_aux=True)
+                loss = lm_loss(out.logits, y)
+                if self.loss_hook is not None:
+                    loss = loss + self.loss_hook(self.model)
+            if self.injector:
+                loss = self.injector.on_loss(loss, micro)
+            loss_ok &= torch.isfinite(loss)  # one bad micro-batch voids the window
+            self.policy.scale(loss / len(batches)).backward()
+            loss_sum += loss.detach()
+            tokens += y.numel()
+        if self.injector:
+            self.injector.on_grads()
+        # 3. unscale and measure
+        self.policy.unscale_(self.optimizer)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if not self.guard_cfg.guard:
+            return self._unguarded_step(grads, grad_norm, loss_sum / len(batches), tokens, out)
+        # 4. judge, clip, guarded step
+        verdict = self.guard.judge(loss_ok, grad_norm)
+        if self.cfg.gradient_clip > 0 or self.guard_cfg.spike_policy == "clip":
+            clip_(grads, verdict.max_norm, grad_norm)
+        self.optimizer.found_inf = verdict.skip  # the fused kernel leaves everything untouched
+        self.optimizer.step()
+        # 5. loss scale (the step is recorded with the scale it ran at)
+        scale_used = self.policy.scale_t
+        self.policy.update(verdict.overflow, verdict.loss_ok)
+        # 6. clean slate for the next window
+        self.optimizer.zero_grad(set_to_none=True)
+        # fp16 overflows belong to the scale policy, every other skip to rollback
+        counts = verdict.reason != OVERFLOW if self.policy.enabled else torch.ones_like(loss_ok)
+        self.guard.commit(self.step, verdict, loss_sum / len(batches), grad_norm, scale_used, lr, counts)
+        if self.aux_hook is not None:
+            self.aux_hook(out, verdict)
+        self.step += 1
+        return StepOutput(loss_sum / len(batches), grad_norm, verdict, tokens)
+
+    def _unguarded_step(self, grads, grad_norm, loss, tokens, out) -> StepOutput:
+        """The same step with no guard: the baseline the guard's overhead is measured
+        against, and what ``--no-guard`` runs. A non-finite step corrupts the weights."""
+        if self.cfg.gradient_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.gradient_clip, grad_norm, foreach=True)
+        self.optimizer.found_inf = None
+        self.optimizer.step()
+        self.policy.update(torch.isfinite(grad_norm).logical_not(), torch.isfinite(loss))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.guard.good_steps += 1
+        if self.aux_hook is not None:
+            self.aux_hook(out, None)
+        self.step += 1
+        return StepOutput(loss, grad_norm, None, tokens)
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> dict[str, float]:
+        """Validation loss, perplexity and next-token accuracy over ``batches``."""
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        count = torch.zeros((), dtype=torch.int64, device=self.device)
+        for x, y in batches:
+            with self.autocast():
+                logits = self.model(x)
+            mask = y != -100
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
+            total += ce.double()
+            correct += ((logits.argmax(-1) == y) & mask).sum()
+            count += mask.sum()
+        self.model.train()
+        total_f, correct_i, count_i = torch.stack([total, correct.double(), count.double()]).tolist()  # host sync
+        if count_i == 0:
+            raise ValueError("validation produced no tokens; the validation split is empty")
+        loss = total_f / count_i
+        return {"val_loss": loss, "val_ppl": float(torch.tensor(loss).exp()), "val_acc": correct_i / count_i}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "policy": self.policy.state_dict(),
+            "guard": self.guard.state_dict(),
+            "group_lr_scale": self.group_lr_scale.clone(),
+            "lr_factor": self.lr_factor.clone(),
+            "step": self.step,
+            "attempt": self.attempt,
+            "total_steps": self.total_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.policy.load_state_dict(state["policy"])
+        self.guard.load_state_dict(state["guard"])
+        self.group_lr_scale = state["group_lr_scale"].to(self.device).clone()
+        self.lr_factor = state["lr_factor"].to(self.device).clone()
+        self.step = int(state["step"])
+        self.attempt = max(self.attempt, int(state["attempt"]))
+        self.total_steps = int(state["total_steps"])

@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+
+from stability.config import GuardConfig
+from stability.guard import BANDS, NONFINITE_LOSS, OK, OVERFLOW, REASONS, SPIKE, StepGuard, band_name
+
+T, F = torch.tensor(True), torch.tensor(False)
+
+
+def guard(clip=1.0, **kw) -> StepGuard:
+    return StepGuard(GuardConfig(**kw), "cpu", gradient_clip=clip, window=8)
+
+
+def judge_and_commit(g: StepGuard, step: int, norm: float, loss_ok=T):
+    v = g.judge(loss_ok, torch.tensor(norm))
+    g.commit(step, v, torch.tensor(1.0), torch.tensor(norm), torch.tensor(1.0), torch.tensor(1e-3), T)
+    return v
+
+
+@pytest.mark.parametrize("loss_ok,norm,reason", [
+    (T, 1.0, OK), (F, 1.0, NONFINITE_LOSS), (F, math.nan, NONFINITE_LOSS),
+    (T, math.inf, OVERFLOW), (T, -math.inf, OVERFLOW), (T, math.nan, OVERFLOW),
+])
+def test_every_step_is_classified(loss_ok, norm, reason):
+    v = guard().judge(loss_ok, torch.tensor(norm))
+    assert int(v.reason) == reason
+    assert float(v.skip) == float(reason != OK)
+    assert bool(v.overflow) == (reason == OVERFLOW)
+
+
+@pytest.mark.parametrize("norm,band", [(0.1, "low"), (0.5, "healthy"), (5.0, "healthy"), (5.01, "high"),
+                                       (10.0, "high"), (10.5, "critical"), (math.inf, "exploded"),
+                                       (math.nan, "exploded")])
+def test_grad_norm_bands_follow_the_write_up(norm, band):
+    assert band_name(norm, GuardConfig()) == band
+    assert BANDS[int(guard().judge(T, torch.tensor(norm)).band)] == band
+
+
+def test_band_edges_are_configurable():
+    assert band_name(3.0, GuardConfig(band_high=2.0, band_critical=2.5)) == "critical"
+
+
+def _warm(g: StepGuard, steps: int, norm: float = 1.0) -> None:
+    for s in range(steps):
+        judge_and_commit(g, s, norm + 0.01 * (s % 3))
+
+
+def test_spike_is_clipped_to_the_zscore_threshold_under_clip_policy():
+    g = guard(clip=100.0, spike_policy="clip", spike_warmup=10, spike_zscore=3.0)
+    _warm(g, 20)
+    threshold = float(g.norm_mean + 3.0 * g.norm_var.sqrt())
+    v = judge_and_commit(g, 20, 50.0)
+    assert int(v.reason) == OK and float(v.skip) == 0.0
+    assert float(v.max_norm) == pytest.approx(threshold)
+    assert int(g.spikes_clipped) == 1
+
+
+def test_spike_is_skipped_under_skip_policy_and_ignored_under_off():
+    g = guard(clip=100.0, spike_policy="skip", spike_warmup=10)
+    _warm(g, 20)
+    assert int(judge_and_commit(g, 20, 50.0).reason) == SPIKE
+    off = guard(clip=100.0, spike_policy="off", spike_warmup=10)
+    _warm(off, 20)
+    v = judge_and_commit(off, 20, 50.0)
+    assert int(v.reason) == OK and float(v.max_norm) == 100.0
+
+
+def test_spikes_are_not_acted_on_during_warmup():
+    g = guard(clip=100.0, spike_policy="skip", spike_warmup=10)
+    _warm(g, 5)
+    assert int(judge_and_commit(g, 5, 50.0).reason) == OK
+
+
+def test_nonfinite_norms_never_enter_the_statistics():
+    g = guard()
+    _warm(g, 10)
+    before = (float(g.norm_mean), float(g.norm_var), int(g.norm_count))
+    for bad in (math.inf, math.nan):
+        judge_and_commit(g, 10, bad)
+    assert (float(g.norm_mean), float(g.norm_var), int(g.norm_count)) == before
+    assert math.isfinite(before[0]) and math.isfinite(before[1])
+
+
+def test_counters_and_consecutive_skips():
+    g = guard()
+    for s, norm in enumerate([1.0, math.inf, math.nan, math.inf, 1.0, math.inf]):
+        judge_and_commit(g, s, norm)
+    c = g.read()
+    assert c["skips"] == {"ok": 2, "nonfinite_loss": 0, "overflow": 4, "spike": 0}
+    assert c["good_steps"] == 2
+    assert c["consecutive_skips"] == 1
+    assert c["bands"]["exploded"] == 4 and c["bands"]["healthy"] == 2
+    assert [REASONS[int(r[2])] for r in c["history"][:6]] == ["ok", "overflow", "overflow", "overflow", "ok", "overflow"]
+
+
+def test_state_dict_round_trip():
+    a = guard()
+    _warm(a, 7)
+    b = guard()
+    b.load_state_dict(a.state_dict())
+    for s, norm in enumerate([2.0, math.inf, 1.5]):
+        va, vb = judge_and_commit(a, s, norm), judge_and_commit(b, s, norm)
+        assert torch.equal(va.max_norm, vb.max_norm) and torch.equal(va.reason, vb.reason)
+    assert a.read()["skips"] == b.read()["skips"]
