@@ -1,0 +1,180 @@
+"""The ``lsnn`` command line (also ``python -m stability``).
+
+Flags are generated from the config dataclasses, so a flag and its field share one name
+and one docstring. ``--phase N`` presets equal the four commands of the users' write-up;
+any flag given explicitly overrides its preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+import types
+import typing
+from dataclasses import MISSING, fields
+from typing import Any, Literal
+
+from model.config import ModelConfig, flag
+from stability.config import ConfigError, GuardConfig, TrainConfig, field_docs
+
+# The four phases of TRAINING_STABILITY_FIXES.md, flag for flag.
+PHASES: dict[int, dict[str, Any]] = {
+    1: dict(task="llm", epochs=1, batch_size=4, sequence_length=64, num_layers=2, liquid_units=64,
+            spiking_units=32, hidden_dim=128, gradient_clip=0.5),
+    2: dict(task="llm", epochs=2, batch_size=4, sequence_length=128, num_layers=2, liquid_units=128,
+            spiking_units=64, hidden_dim=256, gradient_clip=1.0, mixed_precision=True),
+    3: dict(task="llm", epochs=2, batch_size=4, sequence_length=256, num_layers=4, liquid_units=128,
+            spiking_units=64, continual_learning=True, num_tasks=2, use_mamba=True,
+            integration_mode="bidirectional", use_stdp=True, use_meta_plasticity=True),
+    4: dict(task="llm", epochs=30, continual_learning=True, num_tasks=5, use_stdp=True,
+            use_meta_plasticity=True, use_replay=True, use_mamba=True, integration_mode="bidirectional",
+            spike_to_mamba_method="temporal", mamba_expand=2, mamba_d_state=32, mamba_d_conv=4,
+            use_adaptive_gating=True, num_gate_heads=8, use_cross_attention=True, cross_attn_heads=16),
+}
+
+# Flags of the plasticity and continual-learning issue: parsed, never silently ignored.
+_NOT_YET = {
+    "use_stdp": "--use-stdp",
+    "use_meta_plasticity": "--use-meta-plasticity",
+    "continual_learning": "--continual-learning",
+    "use_replay": "--use-replay",
+}
+
+_SKIP_MODEL_FIELDS = {"vocab_size", "extra"}  # vocab comes from the tokenizer (--vocab-size)
+
+
+class CliError(ValueError):
+    pass
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of ``X | None``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return tp, False
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        tp, _optional = _unwrap(hints[f.name])
+        default = f.default if f.default is not MISSING else None
+        help_text = docs.get(f.name, "")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if tp is bool:
+            if default:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["action"] = "store_true"
+            group.add_argument(flag(f.name), help=help_text, **kw)
+            continue
+        if typing.get_origin(tp) is Literal:
+            kw["choices"] = list(typing.get_args(tp))
+            kw["type"] = type(kw["choices"][0])
+        else:
+            kw["type"] = tp
+            kw["metavar"] = tp.__name__.upper()
+        group.add_argument(flag(f.name), help=f"{help_text} (default: {default})", **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lsnn", description="Train hybrid liquid-spiking-Mamba language models that do not explode.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model", description="Train a model on the embedded corpus "
+                           "(the Python standard library's sources) or on --data.")
+    _add_run_flags(train)
+    drill = sub.add_parser("drill", help="rehearse failures: train under a battery of injected faults",
+                           description="Train the configuration a few dozen steps clean and once per fault of a "
+                           "standard battery (NaN/inf/-inf/spikes in losses, gradients, activations, weights, "
+                           "plasticity, an fp16 overflow storm); print a table; exit 1 if any fault was not "
+                           "survived. Takes every flag of `train`.")
+    _add_run_flags(drill)
+    drill.add_argument("--tiny", action="store_true",
+                       help="shrink the model and batches to tiny sizes, keeping the layout and features")
+    drill.add_argument("--tolerance", type=float, default=0.25,
+                       help="a fault is survived if the final validation loss is within this fraction "
+                            "(of max(1, control loss)) above the clean control's (default: 0.25)")
+    return parser
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--phase", type=int, choices=sorted(PHASES), default=argparse.SUPPRESS,
+                   help="preset equal to phase N of the users' plan (1: minimal, 2: mixed precision, "
+                        "3: Mamba + plasticity + continual, 4: everything); explicit flags override it")
+    add_config_flags(p, TrainConfig)
+    add_config_flags(p, ModelConfig, skip=_SKIP_MODEL_FIELDS)
+    add_config_flags(p, GuardConfig)
+    later = p.add_argument_group("plasticity and continual learning")
+    for name, text in _NOT_YET.items():
+        later.add_argument(text, dest=name, action="store_true", default=argparse.SUPPRESS,
+                           help="not yet available in this version (exits with an error)")
+    later.add_argument("--num-tasks", dest="num_tasks", type=int, default=argparse.SUPPRESS,
+                       help="tasks for --continual-learning (not yet available)")
+
+
+def _split(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def resolve(args: argparse.Namespace):
+    """Configs from dataclass defaults <- the --phase preset <- explicit flags."""
+    from stability.run import RunSpec
+
+    explicit = vars(args).copy()
+    explicit.pop("command", None)
+    phase = explicit.pop("phase", None)
+    tiny = explicit.pop("tiny", False)
+    explicit.pop("tolerance", None)
+    values = {**(PHASES[phase] if phase else {}), **explicit}
+    if tiny:
+        from stability.drill import TINY, TINY_TRAIN
+
+        values = {**values, **TINY, **TINY_TRAIN}
+    for name, text in _NOT_YET.items():
+        if values.get(name):
+            raise CliError(f"{text} is not yet available in this version of lsnn (STDP, meta-plasticity "
+                           "and continual learning land in a later release); drop the flag"
+                           + (f" or use --phase 1 or 2 instead of --phase {phase}" if phase in (3, 4) else ""))
+    if "num_tasks" in values and not values.get("continual_learning"):
+        raise CliError("--num-tasks only applies with --continual-learning")
+    try:
+        model = ModelConfig(**_split(ModelConfig, values))
+    except ValueError as e:  # ModelConfig is in model/, which knows nothing of ConfigError
+        raise CliError(str(e)) from e
+    return RunSpec(model=model, train=TrainConfig(**_split(TrainConfig, values)),
+                   guard=GuardConfig(**_split(GuardConfig, values)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from stability.data import DataError
+    from stability.drill import drill
+    from stability.faults import FaultSpecError
+    from stability.run import EXIT_BAD_INPUT, BadInput, Run
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        # everything that can be wrong with the input is found here, before any write
+        spec = resolve(args)
+        if args.command == "drill":
+            return drill(spec, sys.stdout, tolerance=args.tolerance,
+                         keep=Path(spec.train.output_dir) if spec.train.output_dir else None)
+        job = Run(spec)
+        job.setup()
+    except (CliError, ConfigError, DataError, BadInput, FaultSpecError) as e:
+        print(f"lsnn {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return job.fit()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The ``lsnn train`` command as a user meets it."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+
+import pytest
+import torch
+
+from stability.checkpoint import load_checkpoint
+from stability.cli import PHASES, build_parser, resolve
+from stability.trainer import Trainer
+from tests.integration.cli_helpers import FAST, TINY_MODEL, records, run_cli
+
+# The four commands of TRAINING_STABILITY_FIXES.md, verbatim after `python scripts/cli.py`.
+WRITE_UP = {
+    1: "train --task llm --epochs 1 --batch-size 4 --sequence-length 64 --num-layers 2 --liquid-units 64 "
+       "--spiking-units 32 --hidden-dim 128 --gradient-clip 0.5",
+    2: "train --task llm --epochs 2 --batch-size 4 --sequence-length 128 --num-layers 2 --liquid-units 128 "
+       "--spiking-units 64 --hidden-dim 256 --gradient-clip 1.0 --mixed-precision",
+    3: "train --task llm --epochs 2 --batch-size 4 --sequence-length 256 --num-layers 4 --liquid-units 128 "
+       "--spiking-units 64 --continual-learning --num-tasks 2 --use-mamba --integration-mode bidirectional "
+       "--use-stdp --use-meta-plasticity",
+    4: "train --task llm --epochs 30 --continual-learning --num-tasks 5 --use-stdp --use-meta-plasticity "
+       "--use-replay --use-mamba --integration-mode bidirectional --spike-to-mamba-method temporal "
+       "--mamba-expand 2 --mamba-d-state 32 --mamba-d-conv 4 --use-adaptive-gating --num-gate-heads 8 "
+       "--use-cross-attention --cross-attn-heads 16",
+}
+
+
+def test_help_documents_every_flag_of_the_write_up(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    flags = {tok for cmd in WRITE_UP.values() for tok in cmd.split() if tok.startswith("--")}
+    everyday = ["--seed", "--device", "--output-dir", "--max-steps", "--gradient-accumulation-steps",
+                "--warmup-steps", "--weight-decay", "--log-every", "--resume", "--dataset", "--data",
+                "--tokenizer", "--vocab-size", "--amp-dtype", "--learning-rate", "--phase", "--inject-fault"]
+    for name in sorted(flags) + everyday:
+        assert name in text, f"{name} missing from --help"
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_phase_preset_equals_the_write_up_command(phase):
+    written = resolve(build_parser().parse_args(shlex.split(WRITE_UP[phase])))
+    preset = resolve(build_parser().parse_args(["train", "--phase", str(phase)]))
+    assert written == preset
+
+
+def test_explicit_flags_override_the_preset():
+    spec = resolve(build_parser().parse_args(["train", "--phase", "1", "--hidden-dim", "64", "--epochs", "3"]))
+    assert spec.model.hidden_dim == 64 and spec.train.epochs == 3
+    assert spec.model.num_layers == PHASES[1]["num_layers"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--use-stdp"], "--use-stdp is not yet available"),
+    (["--continual-learning"], "--continual-learning is not yet available"),
+    (["--phase", "3"], "use --phase 1 or 2"),
+    (["--integration-mode", "parallel"], "--use-mamba"),
+    (["--use-mamba", "--use-cross-attention", "--cross-attn-heads", "5"], "--cross-attn-heads 5"),
+    (["--beta", "1.5"], "--beta must be in (0, 1)"),
+    (["--gradient-clip", "-1"], "--gradient-clip must be >= 0"),
+    (["--amp-dtype", "fp16"], "--amp-dtype fp16 has no effect without --mixed-precision"),
+    (["--inject-fault", "loss:nan"], "--inject-fault"),
+    (["--inject-fault", "grad[blocks.9]:nan@3"], "names no module"),
+    (["--sequence-length", "50000000"], "--sequence-length 50000000"),
+    (["--data", "/nonexistent/text"], "--data /nonexistent/text"),
+])
+def test_bad_input_exits_2_names_the_flag_and_writes_nothing(tmp_path, corpus, capsys, args, needle):
+    out = tmp_path / "run"
+    data = [] if "--data" in args else ["--data", str(corpus)]
+    code = run_cli([*data, *FAST, *TINY_MODEL, "--output-dir", str(out), *args])
+    assert code == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_choice_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(["--integration-mode", "diagonal"])
+    assert e.value.code == 2
+    assert "--integration-mode" in capsys.readouterr().err
+
+
+def test_empty_data_file_is_bad_input(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert run_cli(["--data", str(empty), *FAST, "--output-dir", str(tmp_path / "run")]) == 2
+    assert "--data" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_run_writes_metrics_config_and_loadable_checkpoints(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(out),
+                    "--max-steps", "12", "--log-every", "4"]) == 0
+    steps = records(out, "step")
+    assert [r["step"] for r in steps] == [4, 8, 12]
+    for key in ("step", "epoch", "loss", "grad_norm", "lr", "loss_scale", "tokens_per_s", "band", "skipped"):
+        assert all(key in r for r in steps), key
+    (epoch,) = records(out, "epoch")
+    for key in ("train_loss", "val_loss", "val_ppl", "val_acc", "unigram_loss"):
+        assert key in epoch
+    assert (out / "config.json").exists()
+    for name in ("last.pt", "best.pt"):
+        state = load_checkpoint(out / "checkpoints" / name)
+        assert state["trainer"]["step"] == 12
+    printed = capsys.readouterr().out
+    assert "step 4: loss=" in printed and "grad_norm=" in printed and "tok/s=" in printed
+
+
+def test_each_epoch_summary_is_printed_exactly_once(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(out), "--epochs", "2",
+                    "--sequence-length", "256", "--batch-size", "16", "--log-every", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("epoch 1/2:") == 1 and printed.count("epoch 2/2:") == 1
+    assert [r["epoch"] for r in records(out, "epoch")] == [1, 2]
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    args = ["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(out), "--max-steps", "2"]
+    assert run_cli(args) == 0
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+    assert run_cli(args) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    base = ["--data", str(corpus), *FAST, "--output-dir", str(out), "--max-steps", "2"]
+    assert run_cli([*base, *TINY_MODEL]) == 0
+    assert run_cli([*base, *TINY_MODEL, "--hidden-dim", "48", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--hidden-dim: checkpoint has 32, this command 48" in err
+
+
+def test_interrupted_run_resumes_with_the_same_losses(tmp_path, corpus, monkeypatch, capsys):
+    common = ["--data", str(corpus), *FAST, *TINY_MODEL, "--max-steps", "16", "--log-every", "2"]
+    straight = tmp_path / "straight"
+    assert run_cli([*common, "--output-dir", str(straight)]) == 0
+
+    original = Trainer.train_step
+
+    def interrupt_after_7(self, window):
+        out = original(self, window)
+        if self.step == 7:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would
+        return out
+
+    broken = tmp_path / "broken"
+    monkeypatch.setattr(Trainer, "train_step", interrupt_after_7)
+    assert run_cli([*common, "--output-dir", str(broken)]) == 130
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert "--resume" in capsys.readouterr().out
+    assert load_checkpoint(broken / "checkpoints" / "last.pt")["trainer"]["step"] == 7
+    assert run_cli([*common, "--output-dir", str(broken), "--resume"]) == 0
+
+    a, b = records(straight, "step"), records(broken, "step")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+    wa = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["trainer"]["model"]
+    wb = torch.load(broken / "checkpoints" / "last.pt", weights_only=True)["trainer"]["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
