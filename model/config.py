@@ -39,7 +39,7 @@ class ModelConfig:
     """Width of the residual stream (d)."""
     num_layers: int = 4
     """Number of hybrid blocks."""
-    mlp_ratio: int = 4
+    mlp_ratio: int = 2
     """Width of each block's feed-forward layer as a multiple of hidden_dim; 0 removes it."""
     dropout: float = 0.0
     """Dropout on each block's residual branches."""
@@ -61,8 +61,8 @@ class ModelConfig:
     """Hidden units of the liquid cell (q)."""
     liquid_backbone: LiquidBackbone = "cfc"
     """Liquid cell: closed-form continuous-time (cfc) or liquid time-constant ODE (ltc)."""
-    liquid_backbone_units: int = 128
-    """Width of the CfC backbone layer (ncps' backbone_units)."""
+    liquid_backbone_units: int | None = None
+    """Width of the CfC backbone layer (ncps' backbone_units); default --liquid-units."""
     ltc_ode_unfolds: int = 6
     """Semi-implicit Euler steps per token of the LTC ODE solver (ncps' ode_unfolds)."""
 
@@ -108,6 +108,8 @@ class ModelConfig:
             object.__setattr__(self, "surrogate_scale", _SURROGATE_DEFAULT_SCALE[self.surrogate])
         if self.mamba_dt_rank is None:
             object.__setattr__(self, "mamba_dt_rank", math.ceil(self.hidden_dim / 16))
+        if self.liquid_backbone_units is None:
+            object.__setattr__(self, "liquid_backbone_units", self.liquid_units)
 
     @property
     def d_inner(self) -> int:
@@ -118,8 +120,7 @@ class ModelConfig:
         """Every problem with this configuration, each naming the flag to change."""
         p: list[str] = []
         positive = (
-            "vocab_size", "hidden_dim", "num_layers", "spiking_units", "liquid_units",
-            "liquid_backbone_units", "ltc_ode_unfolds", "mamba_d_state", "mamba_d_conv",
+            "vocab_size", "hidden_dim", "num_layers", "spiking_units", "liquid_units", "ltc_ode_unfolds", "mamba_d_state", "mamba_d_conv",
             "mamba_expand", "spike_rate_window", "num_gate_heads", "cross_attn_heads",
         )
         for name in positive:
@@ -138,6 +139,10 @@ class ModelConfig:
             p.append(f"--surrogate-scale must be > 0, got {self.surrogate_scale}")
         if not self.spike_temporal_tau > 0.0:
             p.append(f"--spike-temporal-tau must be > 0, got {self.spike_temporal_tau}")
+        if self.liquid_backbone_units is not None and (
+            not isinstance(self.liquid_backbone_units, int) or self.liquid_backbone_units < 1
+        ):
+            p.append(f"--liquid-backbone-units must be a positive integer, got {self.liquid_backbone_units!r}")
         if self.mamba_dt_rank is not None and (
             not isinstance(self.mamba_dt_rank, int) or self.mamba_dt_rank < 1
         ):

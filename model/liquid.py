@@ -252,17 +252,19 @@ class _CfCScan(torch.autograd.Function):
         w_pt = (w_p.t() * (rows * scale_out)).contiguous()  # (k 3q)
         b_pm = b_p * rows  # (3q)
         m0 = (h0 + 1) * 0.5
-        m, ms, acts, sigs = m0, [], [], []
-        for zx_t in zx_m.unbind(0):
-            a = torch.addmm(zx_t, m, w_mt).tanh_()  # (b k)
-            s = torch.addmm(b_pm, a, w_pt).sigmoid_()  # (b 3q)
-            m = torch.lerp(*s.chunk(3, 1))  # (b q)
-            ms.append(m)
-            acts.append(a)
-            sigs.append(s)
-        m_all = torch.stack(ms)  # (l b q)
+        # every token writes into its slot of preallocated buffers, through views made in
+        # bulk before the loop: five kernels a token, no per-token chunk, no final stack
+        l, b, k = zx_m.shape
+        acts, sigs, m_all = zx_m.new_empty(l, b, k), zx_m.new_empty(l, b, 3 * q), zx_m.new_empty(l, b, q)
+        heads = [x.unbind(0) for x in sigs.view(l, b, 3, q).unbind(2)]  # 3 x l x (b q)
+        m = m0
+        for zx_t, a, s, f1, f2, gate, m_t in zip(zx_m.unbind(0), acts.unbind(0), sigs.unbind(0), *heads,
+                                                  m_all.unbind(0)):
+            torch.addmm(zx_t, m, w_mt, out=a).tanh_()  # (b k)
+            torch.addmm(b_pm, a, w_pt, out=s).sigmoid_()  # (b 3q)
+            m = torch.lerp(f1, f2, gate, out=m_t)  # (b q)
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(m0, w_mt, w_pt, rows, m_all, torch.stack(acts), torch.stack(sigs))
+            ctx.save_for_backward(m0, w_mt, w_pt, rows, m_all, acts, sigs)
         ctx.scale_in, ctx.scale_out = scale_in, scale_out
         return (m_all * 2 - 1).transpose(0, 1), m * 2 - 1  # (b l q), (b q)
 

@@ -160,3 +160,14 @@ def test_surrogate_flags_change_the_gradient_not_the_spikes(flag, value):
         spikes.append(trace.post)
     assert torch.equal(spikes[0], spikes[1])
     assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_numpy_loop_and_device_torch_loop_agree(dtype):
+    from model.spiking import _lif_loop_numpy, _lif_loop_torch
+
+    cur = (torch.randn(3, 50, 7) * 1.5).to(dtype)
+    numpy_mem, torch_mem = _lif_loop_numpy(cur, 0.85, 1.0), _lif_loop_torch(cur, 0.85, 1.0)
+    assert numpy_mem.dtype == dtype and numpy_mem.shape == cur.shape
+    assert torch.equal(numpy_mem > 1.0, torch_mem > 1.0)
+    assert_close(numpy_mem, torch_mem)
