@@ -53,7 +53,7 @@ class TrainConfig(_Config):
     """Sequences per micro-batch."""
     sequence_length: int = 256
     """Tokens per training sequence."""
-    learning_rate: float = 6e-4
+    learning_rate: float = 2e-3
     """Peak learning rate of AdamW, reached after --warmup-steps."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at this fraction of --learning-rate."""

@@ -242,6 +242,11 @@ class Run:
         self._step_batches: dict[int, list[Position]] = {}
         self._snapshot()
         previous = signal.signal(signal.SIGINT, self._on_sigint)
+        flushed = _denormals_flushed()
+        if self.device.type == "cpu":
+            # Subnormal floats run ~10x slower on x86; a Transformer LM at lr 1e-4 measured
+            # 208 ms a step against 17 ms with them flushed. Values below 1.2e-38 lose nothing.
+            torch.set_flush_denormal(True)
         try:
             while not self._finished():
                 window, next_pos = self._next_window(self.position)
@@ -264,6 +269,7 @@ class Run:
             return self._unrecoverable(e)
         finally:
             signal.signal(signal.SIGINT, previous)
+            torch.set_flush_denormal(flushed)  # process-wide state: leave it as it was
         self._save("last.pt")
         self.report.line(f"done: {self.trainer.step} steps; checkpoints in {self.out / 'checkpoints'}")
         return EXIT_OK
@@ -336,6 +342,7 @@ class Run:
 
     def _warn_and_tally(self, rows: list[dict[str, Any]]) -> None:
         totals = self._totals
+        loud = []
         for r in rows:
             totals.steps += 1
             totals.bands[r["band"]] += 1
@@ -350,8 +357,15 @@ class Run:
                 totals.loss_sum += r["loss"]
                 totals.loss_count += 1
             if r["band"] in ("high", "critical"):
-                self.report.warn(f"step {r['step']}: {r['band']} gradient norm {r['grad_norm']:.3f}")
+                loud.append(r)
                 self.report.record("band", step=r["step"], band=r["band"], grad_norm=r["grad_norm"])
+        if loud:  # one line per window: a long warm-up would otherwise bury the skip warnings
+            worst = max(loud, key=lambda r: r["grad_norm"])
+            counts = ", ".join(f"{b} on {n}" for b in ("high", "critical")
+                               if (n := sum(r["band"] == b for r in loud)))
+            self.report.warn(f"steps {loud[0]['step']}-{loud[-1]['step']}: gradient norm {counts} step(s), "
+                             f"max {worst['grad_norm']:.3f} at step {worst['step']} (clipped to "
+                             f"--gradient-clip {self.spec.train.gradient_clip:g})")
 
     def _log_line(self, rows: list[dict[str, Any]], step: int, counters: dict[str, Any]) -> None:
         ok = [r for r in rows if r["reason"] == "ok" and math.isfinite(r["loss"])]
@@ -406,9 +420,12 @@ class Run:
         return Position(p.task - 1, self.spec.train.epochs - 1, 0)
 
     def _val_batches(self, task: TaskData):
-        limit = self.spec.train.eval_batches or len(task.val)
-        for i in range(min(limit, len(task.val))):
-            x, y = task.val.get(0, i)
+        """The validation split, or --eval-batches batches spread evenly across it (the
+        first N would be a handful of files, unlike the split the baselines describe)."""
+        n = len(task.val)
+        limit = min(self.spec.train.eval_batches or n, n)
+        for i in range(limit):
+            x, y = task.val.get(0, i * n // limit)
             yield x.to(self.device), y.to(self.device)
 
     # recovery ------------------------------------------------------------------------------
@@ -522,6 +539,11 @@ class Run:
             f"data: {sum(len(x.train) for x in self.tasks)} batches/epoch of {t.batch_size}x{t.sequence_length} "
             f"tokens, tokenizer {self.tokenizer.name} ({self.tokenizer.vocab_size}), device {self.device}, "
             f"precision {self.amp_dtype or 'fp32'}, output {self.out}")
+
+
+def _denormals_flushed() -> bool:
+    """Whether the CPU currently flushes subnormals (torch has a setter, no getter)."""
+    return bool(torch.tensor([1e-39]).mul(1.0).eq(0).item())  # host value, set-up only
 
 
 def run(spec: RunSpec, stream: TextIO | None = None) -> int:

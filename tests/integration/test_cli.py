@@ -168,3 +168,10 @@ def test_interrupted_run_resumes_with_the_same_losses(tmp_path, corpus, monkeypa
     wa = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["trainer"]["model"]
     wb = torch.load(broken / "checkpoints" / "last.pt", weights_only=True)["trainer"]["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_run_leaves_the_process_denormal_setting_as_it_found_it(tmp_path, corpus):
+    assert torch.tensor([1e-39]).mul(1.0).item() != 0
+    assert run_cli(["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(tmp_path / "r"),
+                    "--max-steps", "2"]) == 0
+    assert torch.tensor([1e-39]).mul(1.0).item() != 0
