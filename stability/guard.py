@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 from stability.config import GuardConfig
 
-OK, NONFINITE_LOSS, OVERFLOW, SPIKE = 0, 1, 2, 3
-REASONS = ("ok", "nonfinite_loss", "overflow", "spike")
+OK, NONFINITE_LOSS, OVERFLOW, SPIKE, PEER = 0, 1, 2, 3, 4
+REASONS = ("ok", "nonfinite_loss", "overflow", "spike", "peer")  # peer: another rank's step was bad
 BANDS = ("low", "healthy", "high", "critical", "exploded")
 # columns of the history buffer
 H_LOSS, H_NORM, H_REASON, H_BAND, H_SCALE, H_LR = range(6)
@@ -91,15 +91,24 @@ class StepGuard:
         c = self.cfg
         norm = grad_norm.float()
         grads_ok = torch.isfinite(norm)
+        any_bad = None
+        if dist.is_available() and dist.is_initialized():
+            # every rank takes the same decision: skip if any rank's loss or gradients are
+            # bad (one collective, no host sync), and feed the scale policy the same flags
+            flags = torch.stack([~loss_ok, ~grads_ok]).float()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            any_bad = flags.amax() > 0
+            local_bad = ~loss_ok | ~grads_ok
+            loss_ok, grads_ok = flags[0] == 0, grads_ok & (flags[1] == 0)
         threshold = self.norm_mean + c.spike_zscore * self.norm_var.clamp(min=0).sqrt()
         armed = self.norm_count >= c.spike_warmup
         spike = grads_ok & armed & (norm > threshold) & (c.spike_policy != "off")
         skip_spike = spike & (c.spike_policy == "skip")
         reason = torch.where(~loss_ok, NONFINITE_LOSS,
                              torch.where(~grads_ok, OVERFLOW, torch.where(skip_spike, SPIKE, OK)))
+        if any_bad is not None:
+            reason = torch.where(any_bad & ~local_bad, PEER, reason)
         skip = (reason != OK).float()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(skip, op=dist.ReduceOp.MAX)  # every rank takes the same decision
         max_norm = torch.full_like(norm, self.gradient_clip if self.gradient_clip > 0 else float("inf"))
         if c.spike_policy == "clip":
             max_norm = torch.where(spike, torch.minimum(max_norm, threshold), max_norm)

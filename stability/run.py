@@ -43,6 +43,7 @@ from stability.tokenizers import Tokenizer, default_cache_dir, load_tokenizer
 from stability.trainer import Trainer, lm_loss, resolve_amp_dtype, resolve_device
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_UNRECOVERABLE, EXIT_INTERRUPTED = 0, 2, 3, 130
+_PRECISION = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + loss scaling"}
 
 
 class BadInput(ValueError):
@@ -538,7 +539,7 @@ class Run:
         self.report.line(
             f"data: {sum(len(x.train) for x in self.tasks)} batches/epoch of {t.batch_size}x{t.sequence_length} "
             f"tokens, tokenizer {self.tokenizer.name} ({self.tokenizer.vocab_size}), device {self.device}, "
-            f"precision {self.amp_dtype or 'fp32'}, output {self.out}")
+            f"precision {_PRECISION[self.amp_dtype]}, output {self.out}")
 
 
 def _denormals_flushed() -> bool:
