@@ -1,0 +1,57 @@
+"""The guard's overhead: a guarded optimizer step beside the same step unguarded, on the
+same model and batch (phase-1 shape). Target: under 3% on the CPU.
+
+The two steps alternate within each round so machine drift hits both alike; the
+benchmark reports each one's own time and the median of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from benchmarks.test_phases import hybrid_step
+
+
+@pytest.fixture(autouse=True)
+def _flush_denormals():
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("guard", [False, True], ids=["unguarded", "guarded"])
+def test_step(benchmark, guard):
+    benchmark.group = "guard overhead (phase 1)"
+    step, train = hybrid_step(1, guard=guard)
+    for _ in range(3):
+        step()
+    benchmark.pedantic(step, rounds=80, iterations=1)
+    benchmark.extra_info["tokens_per_s"] = train.batch_size * train.sequence_length / benchmark.stats.stats.median
+
+
+def test_paired_ratio(benchmark):
+    """Median over rounds of guarded/unguarded time, each round running both."""
+    benchmark.group = "guard overhead (phase 1), paired"
+    guarded, _ = hybrid_step(1, guard=True)
+    plain, _ = hybrid_step(1, guard=False)
+    for _ in range(3):
+        guarded()
+        plain()
+    ratios = []
+
+    def pair():
+        first, second = (guarded, plain) if len(ratios) % 2 else (plain, guarded)
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        g, p = (t1 - t0, t2 - t1) if first is guarded else (t2 - t1, t1 - t0)
+        ratios.append(g / p)
+
+    benchmark.pedantic(pair, rounds=80, iterations=1)
+    benchmark.extra_info["guarded_over_unguarded_median"] = statistics.median(ratios)
