@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from stability.config import GuardConfig
 
@@ -132,8 +133,8 @@ class StepGuard:
                scale: torch.Tensor, lr: torch.Tensor, counts_toward_rollback: torch.Tensor) -> None:
         """Record a judged step in the counters and the history (device ops only)."""
         skipped = verdict.reason != OK
-        self.skips[verdict.reason] += 1
-        self.bands[verdict.band] += 1
+        self.skips += F.one_hot(verdict.reason, len(REASONS))  # sync-free on every device
+        self.bands += F.one_hot(verdict.band, len(BANDS))
         self.good_steps += (~skipped).long()
         rollback_skip = skipped & counts_toward_rollback
         self.consecutive_skips = torch.where(rollback_skip, self.consecutive_skips + 1,

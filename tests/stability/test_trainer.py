@@ -26,16 +26,17 @@ from tests.tiny import TinyLM, batches, tiny_hybrid
 CPU = torch.device("cpu")
 
 
-def make(fault: str | None = None, amp=None, accum: int = 1, hybrid: bool = False, guard: dict | None = None,
-         **train) -> Trainer:
+def make(fault: str | None = None, amp=None, accum: int = 1, hybrid: bool | dict = False, guard: dict | None = None,
+         device: torch.device = CPU, **train) -> Trainer:
     torch.manual_seed(0)
-    model = tiny_hybrid(vocab_size=32) if hybrid else TinyLM()
+    layout = hybrid if isinstance(hybrid, dict) else {}
+    model = (tiny_hybrid(vocab_size=32, **layout) if hybrid else TinyLM()).to(device)
     cfg = TrainConfig(**{"learning_rate": 1e-2, "warmup_steps": 2, "log_every": 4, "gradient_clip": 1.0,
                          "gradient_accumulation_steps": accum, **train})
     gcfg = GuardConfig(**{"growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 1,
                           "overflow_patience": 100, "max_scale": 2.0**30, **(guard or {})})
     injector = FaultInjector(parse_faults(fault), model) if fault else None
-    return Trainer(model, cfg, gcfg, CPU, total_steps=20, amp_dtype=amp, injector=injector)
+    return Trainer(model, cfg, gcfg, device, total_steps=20, amp_dtype=amp, injector=injector)
 
 
 def assert_same_state(a: Trainer, b: Trainer) -> None:
@@ -50,8 +51,8 @@ def assert_same_state(a: Trainer, b: Trainer) -> None:
     assert int(a.guard.good_steps) == int(b.guard.good_steps)
 
 
-def run_twins(site: str, kind: str, at: int, n: int = 6, hybrid: bool = False, **kw):
-    data = batches(n)
+def run_twins(site: str, kind: str, at: int, n: int = 6, hybrid: bool | dict = False, **kw):
+    data = [(x.to(kw.get("device", CPU)), y.to(kw.get("device", CPU))) for x, y in batches(n)]
     treated = make(f"{site}:{kind}@{at}", hybrid=hybrid, **kw)
     control = make(hybrid=hybrid, **kw)
     for i, b in enumerate(data, start=1):
@@ -267,3 +268,44 @@ def test_random_transient_fault_plans_are_survived(plan):
     # exactly the run that never saw the faulty batches, and close to the clean run
     assert_same_state(faulty, twin)
     assert abs(_eval_loss(faulty, probe) - _eval_loss(clean, probe)) < 0.3
+
+
+# --- CUDA variants (skipped with a reason where CUDA is absent) -----------------------
+
+CUDA = torch.device("cuda")
+MAMBA = dict(use_mamba=True, integration_mode="bidirectional", use_adaptive_gating=True, use_cross_attention=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("site", ["loss", "grad", "activation[blocks.0]"])
+def test_cuda_autocast_skipped_step_leaves_no_trace(amp, site):
+    treated, control = run_twins(site, "nan", 2, n=4, hybrid=MAMBA, amp=amp, device=CUDA,
+                                 guard={"init_scale": 2.0**8})
+    assert_same_state(treated, control)
+    assert sum(v for k, v in treated.guard.read()["skips"].items() if k != "ok") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_mamba_ssm_kernels_under_injected_faults(kind):
+    pytest.importorskip("mamba_ssm", reason="needs the cuda extra: pip install lsnn[cuda]")
+    layout = {**MAMBA, "scan_impl": "cuda"}
+    treated, control = run_twins("grad[blocks.1.mamba]", kind, 2, n=4, hybrid=layout, device=CUDA)
+    assert_same_state(treated, control)
+    assert treated.guard.read()["skips"]["overflow"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_cuda_guarded_step_makes_no_sync(amp):
+    t = make(amp=amp, hybrid=MAMBA, accum=2, device=CUDA)
+    data = [(x.to(CUDA), y.to(CUDA)) for x, y in batches(6)]
+    t.train_step(data[:2])  # first step: lazy optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t.train_step(data[2:4])
+        t.train_step(data[4:6])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
