@@ -76,7 +76,7 @@ class TrainConfig(_Config):
     output_dir: str | None = None
     """Where checkpoints, metrics.jsonl and config.json go (default runs/<timestamp>)."""
     max_steps: int | None = None
-    """Stop after this many optimizer steps in total (over all epochs and tasks)."""
+    """Stop after this many optimizer steps (over all epochs; per task with --continual-learning)."""
     log_every: int = 50
     """Log a step line, and read the device-side health counters, every N steps."""
     checkpoint_every: int = 1000
@@ -217,3 +217,81 @@ def field_docs(cls: type) -> dict[str, str]:
                 and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
+
+
+@dataclass(frozen=True)
+class PlasticityConfig(_Config):
+    """Out-of-optimizer plasticity: STDP on the spiking synapses, meta-plasticity of rates."""
+
+    use_stdp: bool = False
+    """Apply spike-timing-dependent plasticity to each block's LIF-to-LIF synapses after each good step."""
+    stdp_type: Literal["classical", "triplet", "homeostatic", "bcm"] = "classical"
+    """STDP rule: pair-based, Pfister-Gerstner triplet, pair + rate homeostasis, or BCM."""
+    stdp_learning_rate: float = 1e-3
+    """Scale of the STDP weight change per step."""
+    stdp_tau_plus: float = 4.0
+    """Time constant, in tokens, of the pre-synaptic trace (the potentiation window)."""
+    stdp_tau_minus: float = 4.0
+    """Time constant, in tokens, of the post-synaptic trace (the depression window)."""
+    stdp_target_rate: float = 0.1
+    """Target firing rate (spikes per token) of homeostatic STDP, BCM and meta-plasticity."""
+    use_meta_plasticity: bool = False
+    """Adapt each block's optimizer learning rate and STDP rate to its gradient health and firing rate."""
+    meta_lr: float = 0.05
+    """Step, in log space, by which a meta-plasticity multiplier moves per optimizer step."""
+    meta_min: float = 0.25
+    """Lower bound of the meta-plasticity multipliers."""
+    meta_max: float = 2.0
+    """Upper bound of the meta-plasticity multipliers."""
+    meta_rate_tolerance: float = 0.1
+    """Firing rates within this distance of --stdp-target-rate count as healthy."""
+    meta_plateau: float = 0.01
+    """Relative loss improvement (fast vs slow running mean) below which the loss has plateaued."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        for name in ("stdp_learning_rate", "stdp_tau_plus", "stdp_tau_minus", "meta_lr", "meta_plateau"):
+            if not getattr(self, name) > 0:
+                p.append(f"{flag(name)} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.stdp_target_rate < 1:
+            p.append(f"--stdp-target-rate must be in (0, 1) spikes per token, got {self.stdp_target_rate}")
+        if not 0 < self.meta_min <= 1 <= self.meta_max:
+            p.append(f"need 0 < --meta-min ({self.meta_min}) <= 1 <= --meta-max ({self.meta_max})")
+        if self.meta_rate_tolerance < 0:
+            p.append(f"--meta-rate-tolerance must be >= 0, got {self.meta_rate_tolerance}")
+        _raise_if(p, "plasticity configuration")
+
+
+@dataclass(frozen=True)
+class ContinualConfig(_Config):
+    """Continual learning: tasks in sequence, EWC, replay."""
+
+    continual_learning: bool = False
+    """Train --num-tasks disjoint parts of the corpus (by domain) in order, --epochs each."""
+    num_tasks: int = 2
+    """Tasks for --continual-learning."""
+    consolidation_strength: float = 10000.0
+    """EWC: strength of the quadratic penalty anchoring weights important to earlier tasks; 0 turns it off."""
+    fisher_batches: int = 16
+    """EWC: training batches of a finished task used to estimate its diagonal Fisher information."""
+    use_replay: bool = False
+    """Mix sequences from earlier tasks, kept in a reservoir-sampled buffer, into each batch."""
+    replay_buffer_size: int = 512
+    """Sequences the replay buffer holds."""
+    replay_strategy: Literal["uniform", "importance", "balanced"] = "uniform"
+    """Replay sampling: uniform, importance (favour high-loss sequences), balanced (tasks equal)."""
+    replay_fraction: float = 0.25
+    """Fraction of each batch's sequences replaced by replayed ones."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check_positive(self, ("num_tasks", "fisher_batches", "replay_buffer_size"), p)
+        if self.continual_learning and self.num_tasks < 2:
+            p.append(f"--num-tasks must be at least 2 with --continual-learning, got {self.num_tasks}")
+        if self.use_replay and not self.continual_learning:
+            p.append("--use-replay replays earlier tasks; add --continual-learning")
+        if self.consolidation_strength < 0:
+            p.append(f"--consolidation-strength must be >= 0, got {self.consolidation_strength}")
+        if not 0 < self.replay_fraction < 1:
+            p.append(f"--replay-fraction must be in (0, 1), got {self.replay_fraction}")
+        _raise_if(p, "continual-learning configuration")

@@ -13,6 +13,7 @@ good steps, and the counters are read by the run loop every --log-every steps.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stability.config import ConfigError, GuardConfig, TrainConfig
+from stability.config import ConfigError, GuardConfig, PlasticityConfig, TrainConfig
 from stability.faults import FaultInjector
 from stability.guard import OVERFLOW, StepGuard, Verdict
+from stability.plasticity import PlasticityController
 from stability.scaler import LossScalePolicy
 from stability.schedule import get_lr
 
@@ -103,12 +105,12 @@ class Trainer:
         total_steps: int,
         amp_dtype: torch.dtype | None = None,
         injector: FaultInjector | None = None,
-        aux_hook: Callable[[Any, Verdict | None], None] | None = None,
+        plasticity_cfg: PlasticityConfig | None = None,
         loss_hook: Callable[[nn.Module], torch.Tensor] | None = None,
     ):
         self.model, self.cfg, self.guard_cfg = model, cfg, guard_cfg
         self.device, self.total_steps, self.amp_dtype = device, total_steps, amp_dtype
-        self.injector, self.aux_hook, self.loss_hook = injector, aux_hook, loss_hook
+        self.injector, self.loss_hook = injector, loss_hook
         groups = param_groups(model, cfg.weight_decay)
         for g in groups:
             g["lr"] = torch.zeros((), device=device)  # a tensor: set on the device each step
@@ -119,8 +121,13 @@ class Trainer:
         self.lr_factor = torch.ones((), device=device)
         self.policy = LossScalePolicy(guard_cfg, device, enabled=amp_dtype == torch.float16)
         self.guard = StepGuard(guard_cfg, device, cfg.gradient_clip, window=cfg.log_every)
+        self.lr_offset = torch.zeros((), dtype=torch.int64, device=device)  # good steps before this task
         self.step = 0  # optimizer steps taken or skipped; restored by rollback and resume
         self.attempt = 0  # optimizer-step attempts; never goes back (fault plans key on it)
+        self.plasticity = None
+        if plasticity_cfg is not None and (plasticity_cfg.use_stdp or plasticity_cfg.use_meta_plasticity):
+            self.plasticity = PlasticityController(model, plasticity_cfg, guard_cfg, self.params,
+                                                   [g["name"] for g in groups], device, injector)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -129,7 +136,8 @@ class Trainer:
 
     def current_lr(self) -> torch.Tensor:
         c = self.cfg
-        base = get_lr(self.guard.good_steps, c.learning_rate, c.warmup_steps, self.total_steps, c.min_lr_ratio)
+        base = get_lr(self.guard.good_steps - self.lr_offset, c.learning_rate, c.warmup_steps, self.total_steps,
+                      c.min_lr_ratio)
         return base * self.lr_factor
 
     def train_step(self, batches: list[Batch]) -> StepOutput:
@@ -150,13 +158,12 @@ class Trainer:
             with self.autocast():
                 out = self.model(x, return_aux=True)
                 loss = lm_loss(out.logits, y)
-                if self.loss_hook is not None:
-                    loss = loss + self.loss_hook(self.model)
             if self.injector:
                 loss = self.injector.on_loss(loss, micro)
-            loss_ok &= torch.isfinite(loss)  # one bad micro-batch voids the window
-            self.policy.scale(loss / len(batches)).backward()
-            loss_sum += loss.detach()
+            total = loss if self.loss_hook is None else loss + self.loss_hook(self.model)  # + EWC
+            loss_ok &= torch.isfinite(total)  # one bad micro-batch voids the window
+            self.policy.scale(total / len(batches)).backward()
+            loss_sum += loss.detach()  # the language-model loss, comparable to validation
             tokens += y.numel()
         if self.injector:
             self.injector.on_grads()
@@ -164,6 +171,8 @@ class Trainer:
         self.policy.unscale_(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if self.plasticity is not None:
+            self.plasticity.observe_grads(grads)
         if not self.guard_cfg.guard:
             return self._unguarded_step(grads, grad_norm, loss_sum / len(batches), tokens, out)
         # 4. judge, clip, guarded step
@@ -180,8 +189,7 @@ class Trainer:
         # fp16 overflows belong to the scale policy, every other skip to rollback
         counts = verdict.reason != OVERFLOW if self.policy.enabled else torch.ones_like(loss_ok)
         self.guard.commit(self.step, verdict, loss_sum / len(batches), grad_norm, scale_used, lr, counts)
-        if self.aux_hook is not None:
-            self.aux_hook(out, verdict)
+        self._after_step(out, verdict.skip, loss_sum / len(batches))
         self.step += 1
         return StepOutput(loss_sum / len(batches), grad_norm, verdict, tokens)
 
@@ -195,10 +203,18 @@ class Trainer:
         self.policy.update(torch.isfinite(grad_norm).logical_not(), torch.isfinite(loss))
         self.optimizer.zero_grad(set_to_none=True)
         self.guard.good_steps += 1
-        if self.aux_hook is not None:
-            self.aux_hook(out, None)
+        self._after_step(out, None, loss)
         self.step += 1
         return StepOutput(loss, grad_norm, None, tokens)
+
+    def _after_step(self, out, skip: torch.Tensor | None, loss: torch.Tensor) -> None:
+        """Out-of-optimizer plasticity (guarded inside), and the next step's per-block
+        learning-rate multipliers."""
+        if self.plasticity is None:
+            return
+        self.plasticity.after_step(out, skip, loss)
+        if self.plasticity.cfg.use_meta_plasticity:
+            self.group_lr_scale = self.plasticity.group_lr_scale()
 
     @torch.no_grad()
     def evaluate(self, batches) -> dict[str, float]:
@@ -230,18 +246,26 @@ class Trainer:
             "guard": self.guard.state_dict(),
             "group_lr_scale": self.group_lr_scale.clone(),
             "lr_factor": self.lr_factor.clone(),
+            "lr_offset": self.lr_offset.clone(),
+            "plasticity": self.plasticity.state_dict() if self.plasticity else None,
             "step": self.step,
             "attempt": self.attempt,
             "total_steps": self.total_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a copy: Optimizer.load_state_dict keeps tensors of the right dtype and
+        device by reference, so training on would mutate ``state`` (a rollback snapshot
+        restored twice would come back advanced)."""
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.policy.load_state_dict(state["policy"])
         self.guard.load_state_dict(state["guard"])
         self.group_lr_scale = state["group_lr_scale"].to(self.device).clone()
         self.lr_factor = state["lr_factor"].to(self.device).clone()
+        self.lr_offset = state["lr_offset"].to(self.device).clone()
+        if self.plasticity is not None:
+            self.plasticity.load_state_dict(state["plasticity"])
         self.step = int(state["step"])
         self.attempt = max(self.attempt, int(state["attempt"]))
         self.total_steps = int(state["total_steps"])

@@ -309,3 +309,19 @@ def test_cuda_guarded_step_makes_no_sync(amp):
         t.train_step(data[4:6])
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_loading_a_state_never_aliases_it():
+    # a rollback snapshot is loaded, trained on, and may be loaded again
+    t = make()
+    for b in batches(2):
+        t.train_step([b])
+    snapshot = copy.deepcopy(t.state_dict())
+    frozen = copy.deepcopy(snapshot)
+    for _ in range(2):
+        t.load_state_dict(snapshot)
+        for b in batches(3, seed=7):
+            t.train_step([b])
+    for k, st in snapshot["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(st[key], frozen["optimizer"]["state"][k][key]), "training mutated the snapshot"

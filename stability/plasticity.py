@@ -1,0 +1,158 @@
+"""STDP and meta-plasticity, applied after each optimizer step through the guard.
+
+**STDP.** After every good step, each block's synapse weight W gets
+``stdp_learning_rate * multiplier * dW``, where dW is the rule's change for the batch's
+pre- and post-synaptic spike trains (``model.plasticity``). The guard runs first: a
+non-finite dW is dropped, and a dW larger than ``--plasticity-max-norm`` times the
+weight's norm is scaled down to that size. Either way it is counted, and a bad update
+never reaches a weight. Nothing is applied on a skipped step.
+
+**Meta-plasticity.** Every step, each block's two multipliers, m_lr (that block's
+optimizer learning rate) and m_stdp (its STDP rate), move in log space by ``--meta-lr``:
+
+- a block is *unhealthy* when its gradient norm (before clipping) is non-finite or above
+  ``--band-high``; for m_stdp also when its firing rate is more than
+  ``--meta-rate-tolerance`` from ``--stdp-target-rate``. An unhealthy block slows down:
+  ``log m -= meta_lr``;
+- a healthy block speeds up while the loss has plateaued (the fast running mean of the
+  loss improves on the slow one by less than ``--meta-plateau``): ``log m += meta_lr``;
+- a healthy block whose loss is still improving relaxes toward 1:
+  ``log m *= 1 - meta_lr``.
+
+The multipliers are clamped to [``--meta-min``, ``--meta-max``], and a non-finite input
+never makes them non-finite. All of it runs on the device, with no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.plasticity import stdp_update
+from stability.config import GuardConfig, PlasticityConfig
+from stability.faults import FaultInjector
+
+_EMA_FAST, _EMA_SLOW = 0.9, 0.99
+_META_WARMUP = 10  # steps of loss statistics before "plateau" means anything
+
+
+class PlasticityController:
+    def __init__(self, model: nn.Module, cfg: PlasticityConfig, guard_cfg: GuardConfig, params: list[nn.Parameter],
+                 group_names: list[str], device: torch.device, injector: FaultInjector | None = None):
+        self.cfg, self.guard_cfg, self.injector = cfg, guard_cfg, injector
+        self.synapses = [block.spiking.synapse.weight for block in model.blocks]
+        n = len(self.synapses)
+        z = lambda dtype=torch.float32: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
+        self.theta: list[torch.Tensor | None] = [  # BCM thresholds, one per post-synaptic unit
+            torch.full((w.shape[0],), cfg.stdp_target_rate, device=device) if cfg.stdp_type == "bcm" else None
+            for w in self.synapses]
+        self.m_lr, self.m_stdp = z() + 1, z() + 1
+        self.dropped, self.clipped, self.applied = z(torch.int64), z(torch.int64), z(torch.int64)
+        self.block_norms = z()
+        self.loss_fast = torch.zeros((), device=device)
+        self.loss_slow = torch.zeros((), device=device)
+        self.loss_seen = torch.zeros((), dtype=torch.int64, device=device)
+        # which block each parameter and each optimizer group belongs to (n: shared)
+        block_of = {id(p): _block_index(name) for name, p in model.named_parameters()}
+        self._param_block = torch.tensor([n if block_of[id(p)] is None else block_of[id(p)] for p in params],
+                                         device=device)
+        self._group_block = torch.tensor([n if _block_index(g) is None else _block_index(g) for g in group_names],
+                                         device=device)
+        self._n = n
+
+    # -- before clipping: each block's gradient norm --------------------------------------
+    def observe_grads(self, grads: list[torch.Tensor]) -> None:
+        if not self.cfg.use_meta_plasticity:
+            return
+        squares = torch.stack(torch._foreach_norm(grads)).float().square()
+        per_block = torch.zeros(self._n + 1, device=squares.device).index_add_(0, self._param_block, squares)
+        self.block_norms = per_block[: self._n].sqrt()
+
+    # -- after the step --------------------------------------------------------------------
+    @torch.no_grad()
+    def after_step(self, out: Any, skip: torch.Tensor | None, loss: torch.Tensor) -> None:
+        good = torch.ones((), device=loss.device) if skip is None else 1 - skip
+        if self.cfg.use_stdp:
+            for i, aux in enumerate(out.blocks):
+                self._stdp(i, aux.spikes.pre, aux.spikes.post, good)
+        if self.cfg.use_meta_plasticity:
+            rates = torch.stack([aux.spikes.post.float().mean() for aux in out.blocks])
+            self._meta(rates, loss, good > 0)
+
+    def _stdp(self, i: int, pre: torch.Tensor, post: torch.Tensor, good: torch.Tensor) -> None:
+        c = self.cfg
+        dw, theta = stdp_update(c.stdp_type, pre.detach(), post.detach(), c.stdp_tau_plus, c.stdp_tau_minus,
+                                c.stdp_target_rate, self.theta[i])
+        dw = dw * (c.stdp_learning_rate * self.m_stdp[i])
+        if self.injector is not None:
+            dw = self.injector.on_plasticity(dw)
+        w = self.synapses[i]
+        finite = torch.isfinite(dw).all()
+        safe = torch.where(finite, dw, torch.zeros_like(dw))  # NaN never reaches the weight
+        limit = self.guard_cfg.plasticity_max_norm * w.detach().norm()
+        norm = safe.norm()
+        scale = (limit / (norm + 1e-12)).clamp(max=1.0)
+        w.add_(safe * (scale * good).to(w.dtype))
+        applied = (good > 0).long()
+        self.dropped[i] += (~finite).long() * applied
+        self.clipped[i] += (finite & (norm > limit)).long() * applied
+        self.applied[i] += finite.long() * applied
+        if theta is not None:  # BCM's threshold slides only on good steps
+            self.theta[i] = torch.where(good > 0, theta, self.theta[i])
+
+    def _meta(self, rates: torch.Tensor, loss: torch.Tensor, good: torch.Tensor) -> None:
+        c, band_high = self.cfg, self.guard_cfg.band_high
+        loss_ok = torch.isfinite(loss) & good
+        first = self.loss_seen == 0
+        value = loss.float().nan_to_num(0.0, 0.0, 0.0)
+        self.loss_fast = torch.where(loss_ok, torch.where(first, value, _EMA_FAST * self.loss_fast
+                                                          + (1 - _EMA_FAST) * value), self.loss_fast)
+        self.loss_slow = torch.where(loss_ok, torch.where(first, value, _EMA_SLOW * self.loss_slow
+                                                          + (1 - _EMA_SLOW) * value), self.loss_slow)
+        self.loss_seen = self.loss_seen + loss_ok.long()
+        improving = ((self.loss_slow - self.loss_fast) > c.meta_plateau * self.loss_slow.abs()) | (
+            self.loss_seen < _META_WARMUP)
+        grad_bad = ~torch.isfinite(self.block_norms) | (self.block_norms > band_high)
+        rate_bad = ~torch.isfinite(rates) | ((rates - c.stdp_target_rate).abs() > c.meta_rate_tolerance)
+        self.m_lr = self._move(self.m_lr, grad_bad, improving)
+        self.m_stdp = self._move(self.m_stdp, grad_bad | rate_bad, improving)
+
+    def _move(self, m: torch.Tensor, bad: torch.Tensor, improving: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        log_m = m.log()
+        moved = torch.where(bad, log_m - c.meta_lr, torch.where(improving, log_m * (1 - c.meta_lr), log_m + c.meta_lr))
+        return moved.clamp(math.log(c.meta_min), math.log(c.meta_max)).exp()
+
+    def group_lr_scale(self) -> torch.Tensor:
+        """The learning-rate multiplier of each optimizer group (shared groups: 1)."""
+        return torch.cat([self.m_lr, torch.ones(1, device=self.m_lr.device)])[self._group_block]
+
+    # -- state -----------------------------------------------------------------------------
+    def read(self) -> dict[str, list]:
+        """Counters and multipliers as Python values (one host sync, at sync points)."""
+        flat = torch.cat([self.dropped.double(), self.clipped.double(), self.applied.double(),
+                          self.m_lr.double(), self.m_stdp.double()]).tolist()  # host sync
+        n = self._n
+        return {"dropped": flat[:n], "clipped": flat[n:2 * n], "applied": flat[2 * n:3 * n],
+                "lr_multiplier": flat[3 * n:4 * n], "stdp_multiplier": flat[4 * n:]}
+
+    _STATE = ("m_lr", "m_stdp", "dropped", "clipped", "applied", "loss_fast", "loss_slow", "loss_seen")
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {k: getattr(self, k).clone() for k in self._STATE}
+        state["theta"] = [None if t is None else t.clone() for t in self.theta]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.m_lr.device
+        for k in self._STATE:
+            setattr(self, k, state[k].to(device).clone())
+        self.theta = [None if t is None else t.to(device).clone() for t in state["theta"]]
+
+
+def _block_index(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit() else None
