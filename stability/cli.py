@@ -16,7 +16,14 @@ from dataclasses import MISSING, fields
 from typing import Any, Literal
 
 from model.config import ModelConfig, flag
-from stability.config import ConfigError, GuardConfig, TrainConfig, field_docs
+from stability.config import (
+    ConfigError,
+    ContinualConfig,
+    GuardConfig,
+    PlasticityConfig,
+    TrainConfig,
+    field_docs,
+)
 
 # The four phases of TRAINING_STABILITY_FIXES.md, flag for flag.
 PHASES: dict[int, dict[str, Any]] = {
@@ -31,14 +38,6 @@ PHASES: dict[int, dict[str, Any]] = {
             use_meta_plasticity=True, use_replay=True, use_mamba=True, integration_mode="bidirectional",
             spike_to_mamba_method="temporal", mamba_expand=2, mamba_d_state=32, mamba_d_conv=4,
             use_adaptive_gating=True, num_gate_heads=8, use_cross_attention=True, cross_attn_heads=16),
-}
-
-# Flags of the plasticity and continual-learning issue: parsed, never silently ignored.
-_NOT_YET = {
-    "use_stdp": "--use-stdp",
-    "use_meta_plasticity": "--use-meta-plasticity",
-    "continual_learning": "--continual-learning",
-    "use_replay": "--use-replay",
 }
 
 _SKIP_MODEL_FIELDS = {"vocab_size", "extra"}  # vocab comes from the tokenizer (--vocab-size)
@@ -112,12 +111,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, TrainConfig)
     add_config_flags(p, ModelConfig, skip=_SKIP_MODEL_FIELDS)
     add_config_flags(p, GuardConfig)
-    later = p.add_argument_group("plasticity and continual learning")
-    for name, text in _NOT_YET.items():
-        later.add_argument(text, dest=name, action="store_true", default=argparse.SUPPRESS,
-                           help="not yet available in this version (exits with an error)")
-    later.add_argument("--num-tasks", dest="num_tasks", type=int, default=argparse.SUPPRESS,
-                       help="tasks for --continual-learning (not yet available)")
+    add_config_flags(p, PlasticityConfig)
+    add_config_flags(p, ContinualConfig)
 
 
 def _split(cls: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -139,19 +134,21 @@ def resolve(args: argparse.Namespace):
         from stability.drill import TINY, TINY_TRAIN
 
         values = {**values, **TINY, **TINY_TRAIN}
-    for name, text in _NOT_YET.items():
-        if values.get(name):
-            raise CliError(f"{text} is not yet available in this version of lsnn (STDP, meta-plasticity "
-                           "and continual learning land in a later release); drop the flag"
-                           + (f" or use --phase 1 or 2 instead of --phase {phase}" if phase in (3, 4) else ""))
-    if "num_tasks" in values and not values.get("continual_learning"):
-        raise CliError("--num-tasks only applies with --continual-learning")
+    for name in ("num_tasks", "consolidation_strength", "fisher_batches"):
+        if name in explicit and not values.get("continual_learning"):
+            raise CliError(f"--{name.replace('_', '-')} only applies with --continual-learning; add it or drop the flag")
+    stdp_only = ("stdp_type", "stdp_learning_rate", "stdp_tau_plus", "stdp_tau_minus")
+    for name in stdp_only:
+        if name in explicit and not values.get("use_stdp"):
+            raise CliError(f"--{name.replace('_', '-')} only applies with --use-stdp; add it or drop the flag")
     try:
         model = ModelConfig(**_split(ModelConfig, values))
     except ValueError as e:  # ModelConfig is in model/, which knows nothing of ConfigError
         raise CliError(str(e)) from e
     return RunSpec(model=model, train=TrainConfig(**_split(TrainConfig, values)),
-                   guard=GuardConfig(**_split(GuardConfig, values)))
+                   guard=GuardConfig(**_split(GuardConfig, values)),
+                   plasticity=PlasticityConfig(**_split(PlasticityConfig, values)),
+                   continual=ContinualConfig(**_split(ContinualConfig, values)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,9 @@ def _outcome(fault: str, code: int, recs: list[dict[str, Any]]) -> Outcome:
     rollbacks = [r for r in recs if r["kind"] == "rollback"]
     steps = [r for r in recs if r["kind"] == "step"]
     clipped = steps[-1].get("spikes_clipped", 0) if steps else 0
+    plasticity = steps[-1].get("plasticity") if steps else None
+    if plasticity:  # STDP updates the guard dropped (non-finite) or scaled down (oversized)
+        clipped += sum(plasticity["dropped"]) + sum(plasticity["clipped"])
     epochs = [r for r in recs if r["kind"] == "epoch"]
     final = epochs[-1]["val_loss"] if epochs else math.nan
     detected = bool(skips or rollbacks or clipped)
@@ -94,7 +97,7 @@ def drill(spec: RunSpec, stream: TextIO, tolerance: float = 0.25, keep: Path | N
                    guard=replace(spec.guard, rollback_after=min(spec.guard.rollback_after, 3),
                                  snapshot_every=min(spec.guard.snapshot_every, 4),
                                  spike_warmup=min(spec.guard.spike_warmup, at - 2)))
-    plasticity = bool(getattr(spec, "plasticity", None) and spec.plasticity.use_stdp)
+    plasticity = spec.plasticity.use_stdp
     with tempfile.TemporaryDirectory(prefix="lsnn-drill-") as tmp:
         root = keep or Path(tmp)
         code, recs, text = _run(spec, root / "control", None)

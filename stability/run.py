@@ -1,9 +1,13 @@
-"""A whole training run: data, epochs and tasks, sync points, rollback, checkpoints.
+"""A whole training run: data, tasks and epochs, sync points, rollback, checkpoints.
 
 The hot loop calls ``Trainer.train_step`` and nothing else that syncs. Every
 --log-every steps (and at each epoch end) a *sync point* reads the guard's counters in
 one transfer and acts on them: a step line, a warning per skipped step, a rollback after
 K consecutive skips, a stop with a diagnosis after R rollbacks.
+
+With --continual-learning the corpus is split into tasks, trained in order, each with its
+own warm-up and cosine schedule (and its own --max-steps budget). After each task come EWC
+consolidation, replay scoring and the task matrix.
 
 Exit codes: 0 done, 2 bad input (nothing written), 3 instability that could not be
 recovered (diagnosis printed, last good state saved), 130 interrupted (state saved).
@@ -23,19 +27,14 @@ from typing import Any, TextIO
 import torch
 
 from model import HybridLM, ModelConfig
-from stability.checkpoint import (
-    CorruptStateError,
-    atomic_write_bytes,
-    copy_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from stability.config import GuardConfig, TrainConfig
-from stability.data import Corpus, DataError, TokenBatches, encode_documents, load_corpus, unigram_loss
+from stability.checkpoint import atomic_write_bytes, copy_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from stability.checkpoint import CorruptStateError, set_rng_state
+from stability.config import ContinualConfig, GuardConfig, PlasticityConfig, TrainConfig
+from stability.continual import EWC, ReplayBuffer, format_matrix, per_sequence_loss, transfer
+from stability.data import Corpus, TokenBatches, encode_documents, load_corpus, unigram_loss
 from stability.faults import FaultInjector, parse_faults
-from stability.guard import BANDS, REASONS, band_name
+from stability.guard import REASONS
+from stability.monitor import Monitor, Totals
 from stability.recovery import Recovery, diagnose
 from stability.reporting import Reporter
 from stability.scaler import LossScaleError
@@ -74,12 +73,6 @@ class TaskData:
     unigram_acc: float  # accuracy of always predicting its most frequent token
 
 
-def _mode_accuracy(tokens: torch.Tensor) -> float:
-    """Next-token accuracy of always guessing the most frequent token."""
-    targets = tokens[1:].long()
-    return float(torch.bincount(targets).max()) / max(targets.numel(), 1)
-
-
 @dataclass
 class RunSpec:
     """Everything a run is configured by."""
@@ -87,19 +80,21 @@ class RunSpec:
     model: ModelConfig
     train: TrainConfig
     guard: GuardConfig = field(default_factory=GuardConfig)
+    plasticity: PlasticityConfig = field(default_factory=PlasticityConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
-
-@dataclass
-class _EpochTotals:
-    loss_sum: float = 0.0
-    loss_count: int = 0
-    skips: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS[1:], 0))
-    bands: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BANDS, 0))
-    steps: int = 0
-    started: float = field(default_factory=time.monotonic)
+    @property
+    def num_tasks(self) -> int:
+        return self.continual.num_tasks if self.continual.continual_learning else 1
 
 
 # --- set-up, all of it before anything is written ----------------------------------------
+
+
+def _mode_accuracy(tokens: torch.Tensor) -> float:
+    """Next-token accuracy of always guessing the most frequent token."""
+    targets = tokens[1:].long()
+    return float(torch.bincount(targets).max()) / max(targets.numel(), 1)
 
 
 def _encode_cached(tokenizer: Tokenizer, corpus: Corpus, split: str, cache_dir: Path) -> torch.Tensor:
@@ -114,12 +109,12 @@ def _encode_cached(tokenizer: Tokenizer, corpus: Corpus, split: str, cache_dir: 
     return tokens
 
 
-def prepare_data(spec: RunSpec, num_tasks: int = 1) -> tuple[Tokenizer, Corpus, list[TaskData]]:
+def prepare_data(spec: RunSpec) -> tuple[Tokenizer, Corpus, list[TaskData]]:
     t = spec.train
     corpus = load_corpus(t.data, t.dataset, t.val_fraction)
     cache_dir = default_cache_dir()
     tokenizer = load_tokenizer(t.tokenizer, corpus, t.vocab_size, cache_dir)
-    parts = corpus.partition(num_tasks) if num_tasks > 1 else [corpus]
+    parts = corpus.partition(spec.num_tasks) if spec.num_tasks > 1 else [corpus]
     tasks = []
     for i, part in enumerate(parts):
         train_tokens = _encode_cached(tokenizer, part, "train", cache_dir)
@@ -133,21 +128,22 @@ def prepare_data(spec: RunSpec, num_tasks: int = 1) -> tuple[Tokenizer, Corpus, 
 
 _RESUME_MUST_MATCH = ("batch_size", "sequence_length", "gradient_accumulation_steps", "tokenizer",
                       "vocab_size", "data", "dataset", "val_fraction", "seed", "mixed_precision",
-                      "amp_dtype", "task")
+                      "amp_dtype", "task", "log_every")
 
 
 def check_resume(ckpt: dict[str, Any], spec: RunSpec, fingerprint: str) -> None:
-    """Resuming continues the same run: model and data flags must be those it started with."""
+    """Resuming continues the same run: model, data, plasticity and task flags must be
+    those it started with."""
+    saved = ckpt["config"]
     problems = []
-    saved_model = ModelConfig.from_dict(ckpt["config"]["model"])
-    for name, saved in saved_model.to_dict().items():
-        if name != "extra" and getattr(spec.model, name) != saved:
-            problems.append(f"--{name.replace('_', '-')}: checkpoint has {saved!r}, this command {getattr(spec.model, name)!r}")
-    saved_train = ckpt["config"]["train"]
-    for name in _RESUME_MUST_MATCH:
-        if saved_train.get(name) != getattr(spec.train, name):
-            problems.append(f"--{name.replace('_', '-')}: checkpoint has {saved_train.get(name)!r}, "
-                            f"this command {getattr(spec.train, name)!r}")
+    pairs = [(n, v, getattr(spec.model, n)) for n, v in ModelConfig.from_dict(saved["model"]).to_dict().items()
+             if n != "extra"]
+    pairs += [(n, saved["train"].get(n), getattr(spec.train, n)) for n in _RESUME_MUST_MATCH]
+    for section in ("plasticity", "continual"):
+        pairs += [(n, v, getattr(getattr(spec, section), n)) for n, v in saved[section].items()]
+    for name, was, now in pairs:
+        if was != now:
+            problems.append(f"--{name.replace('_', '-')}: checkpoint has {was!r}, this command {now!r}")
     if not problems and ckpt["corpus"] != fingerprint:
         problems.append("the training text changed since the checkpoint (corpus fingerprint differs)")
     if problems:
@@ -159,6 +155,11 @@ def _output_dir(train: TrainConfig) -> Path:
     if train.output_dir:
         return Path(train.output_dir)
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def _denormals_flushed() -> bool:
+    """Whether the CPU currently flushes subnormals (torch has a setter, no getter)."""
+    return bool(torch.tensor([1e-39]).mul(1.0).eq(0).item())  # host value, set-up only
 
 
 # --- the run ---------------------------------------------------------------------------
@@ -183,64 +184,82 @@ class Run:
         if not t.resume and last.exists():
             raise BadInput(f"--output-dir {self.out} already holds a run ({last}); pass --resume to "
                            "continue it or choose another --output-dir")
-        self.tokenizer, corpus, self.tasks = prepare_data(spec, num_tasks=1)
+        self.tokenizer, corpus, self.tasks = prepare_data(spec)
         self.fingerprint = corpus.fingerprint()
-        model_cfg = replace(spec.model, vocab_size=self.tokenizer.vocab_size)
-        self.spec = spec = replace(spec, model=model_cfg)
+        self.spec = spec = replace(spec, model=replace(spec.model, vocab_size=self.tokenizer.vocab_size))
         ckpt = load_checkpoint(last) if t.resume else None
         if ckpt is not None:
             check_resume(ckpt, spec, self.fingerprint)
         torch.manual_seed(t.seed)
-        self.model = HybridLM(model_cfg).to(self.device)
-        steps_per_epoch = sum(len(task.train) for task in self.tasks) // t.gradient_accumulation_steps
-        horizon = max(steps_per_epoch * t.epochs, 1)
-        if t.max_steps:
-            horizon = min(horizon, t.max_steps)
+        self.model = HybridLM(spec.model).to(self.device)
         self.injector = FaultInjector(self.faults, self.model) if self.faults else None
-        self.trainer = Trainer(self.model, t, spec.guard, self.device, horizon, self.amp_dtype, self.injector)
+        self.trainer = Trainer(self.model, t, spec.guard, self.device, self._horizon(0), self.amp_dtype,
+                               self.injector, spec.plasticity)
+        c = spec.continual
+        self.ewc = EWC(self.model, c.consolidation_strength) if c.continual_learning else None
+        self.replay = ReplayBuffer(c.replay_buffer_size, c.replay_strategy, t.seed) if c.use_replay else None
         self.recovery = Recovery(spec.guard)
         self.position = Position()
         self.best_val = math.inf
+        self.matrix: list[list[float]] = []
+        self.task_start_step = 0
         self.report = Reporter(self.out, self.stream, t.progress)
+        self.monitor = Monitor(self.report, spec.guard, t.gradient_clip, t.log_every, 0)
         if ckpt is not None:
             self._restore(ckpt)
         self.out.mkdir(parents=True, exist_ok=True)
         self._write_config()
+
+    def _horizon(self, task: int) -> int:
+        """The schedule's length for ``task``: its epochs, capped by --max-steps (which
+        with --continual-learning is a budget per task)."""
+        t = self.spec.train
+        per_task = self.spec.continual.continual_learning
+        batches = len(self.tasks[task].train) if per_task else sum(len(x.train) for x in self.tasks)
+        horizon = max(batches // t.gradient_accumulation_steps * t.epochs, 1)
+        return min(horizon, t.max_steps) if t.max_steps else horizon
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.trainer.load_state_dict(ckpt["trainer"])
         self.position = Position(**ckpt["position"])
         self.best_val = ckpt["best_val"]
         set_rng_state(ckpt["rng"])
-        self._resumed_window = ckpt["window"]
-        self.report.truncate_after(ckpt["window"]["last_sync_step"])
+        cont = ckpt["continual"]
+        self.matrix, self.task_start_step = cont["matrix"], cont["task_start_step"]
+        if self.ewc is not None:
+            self.ewc.load_state_dict(cont["ewc"])
+            if self.ewc.active:
+                self.trainer.loss_hook = self.ewc.penalty
+        if self.replay is not None:
+            self.replay.load_state_dict(cont["replay"])
+        window = ckpt["window"]
+        self.monitor.last_sync_step = window["last_sync_step"]
+        self.monitor.totals = Totals.from_state(window["totals"])
+        self.report.truncate_after(window["last_sync_step"])
 
     def _write_config(self) -> None:
         config = {
-            "model": self.spec.model.to_dict(),
-            "train": self.spec.train.to_dict(),
-            "guard": self.spec.guard.to_dict(),
+            **self._configs(),
             "tokenizer": {"name": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size},
+            "tasks": [task.name for task in self.tasks],
             "corpus": self.fingerprint,
             "device": str(self.device),
-            "amp_dtype": str(self.amp_dtype) if self.amp_dtype else None,
+            "precision": _PRECISION[self.amp_dtype],
             "torch": torch.__version__,
         }
         text = json.dumps(config, indent=2, default=str)
         atomic_write_bytes(self.out / "config.json", lambda f: f.write(text.encode()))
 
+    def _configs(self) -> dict[str, Any]:
+        s = self.spec
+        return {"model": s.model.to_dict(), "train": s.train.to_dict(), "guard": s.guard.to_dict(),
+                "plasticity": s.plasticity.to_dict(), "continual": s.continual.to_dict()}
+
     # the loop ---------------------------------------------------------------------------
     def fit(self) -> int:
-        t = self.spec.train
         self._announce()
-        self._last_sync_step = self.trainer.step
-        self._window_tokens, self._window_start = 0, time.monotonic()
-        self._totals = _EpochTotals()
-        if getattr(self, "_resumed_window", None):  # the steps not yet logged when it stopped
-            w = self._resumed_window
-            self._last_sync_step = w["last_sync_step"]
-            self._totals = _EpochTotals(w["loss_sum"], w["loss_count"], w["skips"], w["bands"], w["steps"])
         self._step_batches: dict[int, list[Position]] = {}
+        self._plasticity_seen: dict[str, list] | None = None
         self._snapshot()
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         flushed = _denormals_flushed()
@@ -250,22 +269,8 @@ class Run:
             torch.set_flush_denormal(True)
         try:
             while not self._finished():
-                window, next_pos = self._next_window(self.position)
-                if window:
-                    self._step(window)
-                if next_pos.epoch != self.position.epoch or next_pos.task != self.position.task:
-                    self.position = next_pos
-                    self._sync(force=True)
-                    self._end_epoch(epoch_done=True)
-                else:
-                    self.position = next_pos
-                if self.stop_requested:
+                if self._advance():
                     return self._interrupted()
-                if t.max_steps and self.trainer.step >= t.max_steps:
-                    self._sync(force=True)
-                    if self._totals.steps:  # unless the epoch that just ended was reported
-                        self._end_epoch(epoch_done=False)
-                    break
         except Unrecoverable as e:
             return self._unrecoverable(e)
         finally:
@@ -274,6 +279,44 @@ class Run:
         self._save("last.pt")
         self.report.line(f"done: {self.trainer.step} steps; checkpoints in {self.out / 'checkpoints'}")
         return EXIT_OK
+
+    def _advance(self) -> bool:
+        """One optimizer step and whatever ends with it; True if interrupted."""
+        window, next_pos = self._next_window(self.position)
+        if window:
+            self._step(window)
+        rolled_over = next_pos.epoch != self.position.epoch or next_pos.task != self.position.task
+        finished_task = self.position.task
+        self.position = next_pos
+        if rolled_over:
+            self._sync()
+            self._end_epoch(epoch_done=True)
+            if next_pos.task != finished_task:
+                self._end_task(finished_task)
+                if not self._finished():
+                    self._start_task()
+        if self.stop_requested:
+            return True
+        if self._budget_spent():
+            self._sync()
+            if self.monitor.totals.steps:  # unless the epoch that just ended was reported
+                self._end_epoch(epoch_done=False)
+            if self.spec.continual.continual_learning and self.position.task + 1 < len(self.tasks):
+                self._end_task(self.position.task)
+                self.position = Position(self.position.task + 1, 0, 0)
+                self._start_task()
+            else:
+                if self.spec.continual.continual_learning:
+                    self._end_task(self.position.task)
+                self.position = Position(len(self.tasks), 0, 0)
+        return False
+
+    def _budget_spent(self) -> bool:
+        t = self.spec.train
+        if not t.max_steps or self._finished():
+            return False
+        used = self.trainer.step - (self.task_start_step if self.spec.continual.continual_learning else 0)
+        return used >= t.max_steps
 
     def _finished(self) -> bool:
         return self.position.task >= len(self.tasks)
@@ -295,15 +338,32 @@ class Run:
             return window, Position(pos.task, pos.epoch + 1, 0)
         return window, Position(pos.task + 1, 0, 0)
 
-    def _batch(self, pos: Position) -> tuple[torch.Tensor, torch.Tensor]:
+    def _task_batch(self, pos: Position) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.tasks[pos.task].train.get(pos.epoch, pos.index)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def _batch(self, pos: Position) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch; with replay, its last sequences swapped for earlier tasks'."""
+        x, y = self.tasks[pos.task].train.get(pos.epoch, pos.index)
+        if self.replay is not None:
+            k = max(1, round(self.spec.continual.replay_fraction * x.shape[0]))
+            old = self.replay.sample(k, pos.task)
+            if old is not None:
+                x, y = x.clone(), y.clone()
+                x[-k:], y[-k:] = old[:, :-1], old[:, 1:]
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
     def _step(self, window: list[Position]) -> None:
-        out = self.trainer.train_step([self._batch(p) for p in window])
+        batches = [self._batch(p) for p in window]
+        out = self.trainer.train_step(batches)
+        if self.replay is not None:
+            for p in window:  # offer the task's own sequences, not the replayed ones
+                x, y = self.tasks[p.task].train.get(p.epoch, p.index)
+                self.replay.offer(torch.cat([x, y[:, -1:]], dim=1), p.task)
         self._step_batches[self.trainer.step] = window
-        self._window_tokens += out.tokens
-        self.report.progress(self.trainer.step, self.trainer.total_steps, f"epoch {self.position.epoch + 1}")
+        self.monitor.tokens += out.tokens
+        self.report.progress(self.trainer.step, self.trainer.total_steps,
+                             f"task {self.position.task + 1} epoch {self.position.epoch + 1}")
         t = self.spec.train
         if self.trainer.step % t.log_every == 0:
             self._sync()
@@ -311,15 +371,20 @@ class Run:
             self._save("last.pt")
 
     # sync points --------------------------------------------------------------------------
-    def _sync(self, force: bool = False) -> None:
+    def _sync(self) -> None:
         """Read the device counters (one host sync) and act on them."""
         step = self.trainer.step
-        if step == self._last_sync_step:
+        if step == self.monitor.last_sync_step:
             return
         counters = self.trainer.guard.read()  # host sync
-        rows = self._new_rows(counters["history"], step)
-        self._warn_and_tally(rows)
-        self._log_line(rows, step, counters)
+        rows = self.monitor.rows(counters["history"], step)
+        self.monitor.tally(rows, self.position.epoch + 1)
+        extra: dict[str, Any] = {"task": min(self.position.task, len(self.tasks) - 1) + 1}
+        if self.trainer.plasticity is not None:
+            plast = self.trainer.plasticity.read()  # host sync
+            self.monitor.plasticity(self._plasticity_seen, plast, step)
+            self._plasticity_seen = extra["plasticity"] = plast
+        self.monitor.step_line(rows, step, self.position.epoch + 1, counters, **extra)
         try:
             self.trainer.policy.check()
         except LossScaleError as e:
@@ -329,80 +394,27 @@ class Run:
         elif not any(r["reason"] != "ok" for r in rows) and self.recovery.due(counters["good_steps"]):
             self._snapshot(counters["good_steps"])
 
-    def _new_rows(self, history: list[list[float]], step: int) -> list[dict[str, Any]]:
-        """The history rows of the steps since the last sync, oldest first."""
-        window = self.trainer.guard.window
-        first = max(self._last_sync_step + 1, step - window + 1)
-        steps = range(first, step + 1)
-        ordered = history[(first - 1) % window:] + history[:(first - 1) % window]  # oldest first
-        rows = [{"step": s, "loss": loss, "grad_norm": norm, "reason": REASONS[int(reason)],
-                 "band": BANDS[int(band)], "scale": scale, "lr": lr}
-                for s, (loss, norm, reason, band, scale, lr) in zip(steps, ordered)]
-        self._last_sync_step = step
-        return rows
-
-    def _warn_and_tally(self, rows: list[dict[str, Any]]) -> None:
-        totals = self._totals
-        loud = []
-        for r in rows:
-            totals.steps += 1
-            totals.bands[r["band"]] += 1
-            if r["reason"] != "ok":
-                totals.skips[r["reason"]] += 1
-                self.report.warn(f"step {r['step']} skipped ({r['reason']}): loss={r['loss']:.4g} "
-                                 f"grad_norm={r['grad_norm']:.4g} scale={r['scale']:g}")
-                self.report.record("skip", step=r["step"], epoch=self.position.epoch, reason=r["reason"],
-                                   loss=r["loss"], grad_norm=r["grad_norm"], loss_scale=r["scale"])
-                continue
-            if math.isfinite(r["loss"]):
-                totals.loss_sum += r["loss"]
-                totals.loss_count += 1
-            if r["band"] in ("high", "critical"):
-                loud.append(r)
-                self.report.record("band", step=r["step"], band=r["band"], grad_norm=r["grad_norm"])
-        if loud:  # one line per window: a long warm-up would otherwise bury the skip warnings
-            worst = max(loud, key=lambda r: r["grad_norm"])
-            counts = ", ".join(f"{b} on {n}" for b in ("high", "critical")
-                               if (n := sum(r["band"] == b for r in loud)))
-            self.report.warn(f"steps {loud[0]['step']}-{loud[-1]['step']}: gradient norm {counts} step(s), "
-                             f"max {worst['grad_norm']:.3f} at step {worst['step']} (clipped to "
-                             f"--gradient-clip {self.spec.train.gradient_clip:g})")
-
-    def _log_line(self, rows: list[dict[str, Any]], step: int, counters: dict[str, Any]) -> None:
-        ok = [r for r in rows if r["reason"] == "ok" and math.isfinite(r["loss"])]
-        loss = sum(r["loss"] for r in ok) / len(ok) if ok else math.nan
-        norm = sum(r["grad_norm"] for r in ok) / len(ok) if ok else math.nan
-        now = time.monotonic()
-        tok_s = self._window_tokens / max(now - self._window_start, 1e-9)
-        self._window_tokens, self._window_start = 0, now
-        reasons = {name: sum(r["reason"] == name for r in rows) for name in REASONS[1:]}
-        self.report.step(step, self.position.epoch + 1, loss, norm, rows[-1]["lr"], rows[-1]["scale"], tok_s,
-                         band_name(norm, self.spec.guard), sum(reasons.values()), reasons,
-                         task=self.position.task + 1, skipped_total=sum(counters["skips"].values()) - counters["skips"]["ok"],
-                         spikes_clipped=counters["spikes_clipped"], good_steps=counters["good_steps"])
-
-    # epochs ------------------------------------------------------------------------------
+    # epochs and tasks -----------------------------------------------------------------------
     def _end_epoch(self, epoch_done: bool) -> None:
         """Validate and print the epoch's summary, once; checkpoint; snapshot."""
-        finished = self._finished_epoch(epoch_done)
-        task_i, epoch_i = finished.task, finished.epoch
+        task_i, epoch_i = self._finished_epoch(epoch_done)
         task = self.tasks[task_i]
         metrics = self.trainer.evaluate(self._val_batches(task))
-        totals = self._totals
-        train_loss = totals.loss_sum / totals.loss_count if totals.loss_count else math.nan
+        totals = self.monitor.totals
         skipped = sum(totals.skips.values())
         label = f"epoch {epoch_i + 1}/{self.spec.train.epochs}" + ("" if epoch_done else " (stopped at --max-steps)")
         if len(self.tasks) > 1:
-            label = f"task {task_i + 1}/{len(self.tasks)} ({task.name}) {label}"
-        text = (f"{label}: train_loss={train_loss:.4f} val_loss={metrics['val_loss']:.4f} "
+            label = f"task {task_i + 1}/{len(self.tasks)} {label}"
+        text = (f"{label}: train_loss={totals.train_loss:.4f} val_loss={metrics['val_loss']:.4f} "
                 f"val_ppl={metrics['val_ppl']:.2f} val_acc={metrics['val_acc']:.4f} "
                 f"unigram_loss={task.unigram:.4f} unigram_acc={task.unigram_acc:.4f} skipped={skipped} "
                 f"bands[{' '.join(f'{k}={v}' for k, v in totals.bands.items() if v)}] "
                 f"time={time.monotonic() - totals.started:.1f}s")
-        self.report.epoch_summary(task_i + 1, epoch_i + 1, text, step=self.trainer.step, train_loss=train_loss,
-                                  unigram_loss=task.unigram, unigram_acc=task.unigram_acc, skipped=skipped, skip_reason=dict(totals.skips),
+        self.report.epoch_summary(task_i + 1, epoch_i + 1, text, step=self.trainer.step, task_name=task.name,
+                                  train_loss=totals.train_loss, unigram_loss=task.unigram,
+                                  unigram_acc=task.unigram_acc, skipped=skipped, skip_reason=dict(totals.skips),
                                   bands=dict(totals.bands), complete=epoch_done, **metrics)
-        self._totals = _EpochTotals()
+        self.monitor.totals = Totals()
         if not self._save("last.pt"):
             return  # weights are non-finite: recovery will roll back; no snapshot of this
         if metrics["val_loss"] < self.best_val:
@@ -410,15 +422,48 @@ class Run:
             copy_checkpoint(self.out / "checkpoints" / "last.pt", self.out / "checkpoints" / "best.pt")
         self._snapshot()
 
-    def _finished_epoch(self, epoch_done: bool) -> Position:
+    def _finished_epoch(self, epoch_done: bool) -> tuple[int, int]:
         """The (task, epoch) that just ended: the one before self.position when the data
         stream rolled over, the current one when --max-steps cut it short."""
-        if not epoch_done:
-            return self.position
         p = self.position
+        if not epoch_done:
+            return p.task, p.epoch
         if p.epoch > 0:
-            return Position(p.task, p.epoch - 1, 0)
-        return Position(p.task - 1, self.spec.train.epochs - 1, 0)
+            return p.task, p.epoch - 1
+        return p.task - 1, self.spec.train.epochs - 1
+
+    def _end_task(self, task_i: int) -> None:
+        """Consolidate (EWC), score replay, evaluate every task, print the matrix once."""
+        if not self.spec.continual.continual_learning:
+            return
+        task = self.tasks[task_i]
+        if self.ewc is not None and self.ewc.strength > 0 and task_i + 1 < len(self.tasks):
+            n = self.spec.continual.fisher_batches
+            batches = [self._task_batch(Position(task_i, 0, i)) for i in range(min(n, len(task.train)))]
+            used = self.ewc.consolidate(self.model, batches, lm_loss, self.trainer.autocast)
+            if used < len(batches):
+                self.report.warn(f"task {task_i + 1}: {len(batches) - used} Fisher batches had non-finite "
+                                 "gradients and were left out")
+            if self.ewc.active:
+                self.trainer.loss_hook = self.ewc.penalty
+        if self.replay is not None and self.spec.continual.replay_strategy == "importance":
+            self.replay.score(self.model, task_i, per_sequence_loss, self.device)
+        row = [self.trainer.evaluate(self._val_batches(t))["val_loss"] for t in self.tasks]
+        self.matrix.append(row)
+        stats = transfer(self.matrix)
+        lines = format_matrix(self.matrix, [t.name for t in self.tasks])
+        self.report.line(f"task {task_i + 1}/{len(self.tasks)} done: validation loss on every task")
+        for line in lines:
+            self.report.line(line)
+        self.report.line(f"  average loss over tasks 1-{task_i + 1}: {stats['average_loss']:.4f}; forgetting "
+                         f"{stats['forgetting']:+.4f} (backward transfer {stats['backward_transfer']:+.4f})")
+        self.report.record("task", step=self.trainer.step, task=task_i + 1, name=task.name, losses=row, **stats)
+
+    def _start_task(self) -> None:
+        """A new task gets its own warm-up and cosine schedule, and its own --max-steps."""
+        self.task_start_step = self.trainer.step
+        self.trainer.lr_offset = self.trainer.guard.good_steps.clone()
+        self.trainer.total_steps = self._horizon(self.position.task)
 
     def _val_batches(self, task: TaskData):
         """The validation split, or --eval-batches batches spread evenly across it (the
@@ -436,18 +481,13 @@ class Run:
             "position": self.position.__dict__,
             "rng": rng_state(),
             "best_val": self.best_val,
-            "window": self._window_state(),
-            "config": {"model": self.spec.model.to_dict(), "train": self.spec.train.to_dict(),
-                       "guard": self.spec.guard.to_dict()},
+            "window": {"last_sync_step": self.monitor.last_sync_step, "totals": self.monitor.totals.state_dict()},
+            "continual": {"matrix": self.matrix, "task_start_step": self.task_start_step,
+                          "ewc": self.ewc.state_dict() if self.ewc else None,
+                          "replay": self.replay.state_dict() if self.replay else None},
+            "config": self._configs(),
             "corpus": self.fingerprint,
         }
-
-    def _window_state(self) -> dict[str, Any]:
-        """The steps taken since the last sync point, which a resumed run logs exactly as
-        the uninterrupted run would have."""
-        t = getattr(self, "_totals", None) or _EpochTotals()
-        return {"last_sync_step": getattr(self, "_last_sync_step", self.trainer.step), "loss_sum": t.loss_sum,
-                "loss_count": t.loss_count, "skips": dict(t.skips), "bands": dict(t.bands), "steps": t.steps}
 
     def _save(self, name: str, state: dict[str, Any] | None = None) -> bool:
         """Write a checkpoint; with non-finite weights write nothing, warn, return False."""
@@ -466,7 +506,7 @@ class Run:
         self._step_batches = {}
 
     def _rollback(self, counters: dict[str, Any], step: int) -> None:
-        failed_steps = list(range(step - counters["consecutive_skips"] + 1, step + 1))
+        failed_steps = range(step - counters["consecutive_skips"] + 1, step + 1)
         failed = [p for s in failed_steps for p in self._step_batches.get(s, [])]
         reason = self._last_reason(counters, step)
         if self.recovery.exhausted():
@@ -478,7 +518,7 @@ class Run:
         self.trainer.lr_factor *= self.spec.guard.rollback_lr_factor
         set_rng_state(snap.extra["rng"])
         self.position = snap.position
-        self._last_sync_step = self.trainer.step
+        self.monitor.last_sync_step = self.trainer.step
         self._step_batches = {}
         self.report.warn(
             f"step {step}: {counters['consecutive_skips']} consecutive skipped steps ({reason}); rolled back "
@@ -534,17 +574,20 @@ class Run:
     def _announce(self) -> None:
         counts = self.model.parameter_counts()
         parts = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "total")
-        t = self.spec.train
+        t, p, c = self.spec.train, self.spec.plasticity, self.spec.continual
         self.report.line(f"lsnn: {counts['total']:,} parameters ({parts})")
         self.report.line(
             f"data: {sum(len(x.train) for x in self.tasks)} batches/epoch of {t.batch_size}x{t.sequence_length} "
             f"tokens, tokenizer {self.tokenizer.name} ({self.tokenizer.vocab_size}), device {self.device}, "
             f"precision {_PRECISION[self.amp_dtype]}, output {self.out}")
-
-
-def _denormals_flushed() -> bool:
-    """Whether the CPU currently flushes subnormals (torch has a setter, no getter)."""
-    return bool(torch.tensor([1e-39]).mul(1.0).eq(0).item())  # host value, set-up only
+        if c.continual_learning:
+            names = "; ".join(task.name for task in self.tasks)
+            ewc = f"EWC {c.consolidation_strength:g}" if c.consolidation_strength > 0 else "no EWC"
+            replay = f"replay {c.replay_strategy} ({c.replay_buffer_size})" if c.use_replay else "no replay"
+            self.report.line(f"tasks: {names}; {ewc}, {replay}")
+        if p.use_stdp or p.use_meta_plasticity:
+            self.report.line(f"plasticity: {'STDP ' + p.stdp_type if p.use_stdp else 'no STDP'}, "
+                             f"{'meta-plasticity' if p.use_meta_plasticity else 'no meta-plasticity'}")
 
 
 def run(spec: RunSpec, stream: TextIO | None = None) -> int:
@@ -554,4 +597,4 @@ def run(spec: RunSpec, stream: TextIO | None = None) -> int:
     return r.fit()
 
 
-__all__ = ["BadInput", "DataError", "Position", "Run", "RunSpec", "run"]
+__all__ = ["BadInput", "Position", "Run", "RunSpec", "run"]

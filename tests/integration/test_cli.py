@@ -43,7 +43,7 @@ def test_help_documents_every_flag_of_the_write_up(capsys):
         assert name in text, f"{name} missing from --help"
 
 
-@pytest.mark.parametrize("phase", [1, 2])
+@pytest.mark.parametrize("phase", [1, 2, 3, 4])
 def test_phase_preset_equals_the_write_up_command(phase):
     written = resolve(build_parser().parse_args(shlex.split(WRITE_UP[phase])))
     preset = resolve(build_parser().parse_args(["train", "--phase", str(phase)]))
@@ -57,9 +57,12 @@ def test_explicit_flags_override_the_preset():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--use-stdp"], "--use-stdp is not yet available"),
-    (["--continual-learning"], "--continual-learning is not yet available"),
-    (["--phase", "3"], "use --phase 1 or 2"),
+    (["--use-replay"], "--use-replay replays earlier tasks; add --continual-learning"),
+    (["--num-tasks", "3"], "--num-tasks only applies with --continual-learning"),
+    (["--stdp-type", "bcm"], "--stdp-type only applies with --use-stdp"),
+    (["--use-stdp", "--stdp-target-rate", "2"], "--stdp-target-rate must be in (0, 1)"),
+    (["--continual-learning", "--num-tasks", "1"], "--num-tasks must be at least 2"),
+    (["--continual-learning", "--num-tasks", "999"], "--num-tasks"),
     (["--integration-mode", "parallel"], "--use-mamba"),
     (["--use-mamba", "--use-cross-attention", "--cross-attn-heads", "5"], "--cross-attn-heads 5"),
     (["--beta", "1.5"], "--beta must be in (0, 1)"),
