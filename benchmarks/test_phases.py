@@ -14,7 +14,7 @@ from torch import nn
 
 from model import HybridLM, ModelConfig
 from stability.cli import PHASES
-from stability.config import GuardConfig, TrainConfig
+from stability.config import GuardConfig, PlasticityConfig, TrainConfig
 from stability.trainer import Trainer, lm_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -28,16 +28,16 @@ def _flush_denormals():
     yield
     torch.set_flush_denormal(False)
 VOCAB = 8192
-_MODEL_FIELDS = {f for f in ModelConfig.__dataclass_fields__}
-_TRAIN_FIELDS = {f for f in TrainConfig.__dataclass_fields__}
-_LATER = {"continual_learning", "num_tasks", "use_stdp", "use_meta_plasticity", "use_replay"}
+def _fields(cls, preset):
+    return {k: v for k, v in preset.items() if k in cls.__dataclass_fields__}
 
 
-def phase_configs(phase: int) -> tuple[ModelConfig, TrainConfig]:
-    preset = {k: v for k, v in PHASES[phase].items() if k not in _LATER}
-    model = ModelConfig(vocab_size=VOCAB, **{k: v for k, v in preset.items() if k in _MODEL_FIELDS})
-    train = TrainConfig(**{k: v for k, v in preset.items() if k in _TRAIN_FIELDS})
-    return model, train
+def phase_configs(phase: int) -> tuple[ModelConfig, TrainConfig, PlasticityConfig]:
+    """The phase's model, training and plasticity settings (continual learning acts
+    between tasks, not inside a step)."""
+    preset = PHASES[phase]
+    model = ModelConfig(vocab_size=VOCAB, **_fields(ModelConfig, preset))
+    return model, TrainConfig(**_fields(TrainConfig, preset)), PlasticityConfig(**_fields(PlasticityConfig, preset))
 
 
 class TransformerLM(nn.Module):
@@ -75,10 +75,11 @@ def _amp(train: TrainConfig) -> torch.dtype | None:
 
 
 def hybrid_step(phase: int, guard: bool = True):
-    model_cfg, train = phase_configs(phase)
+    model_cfg, train, plasticity = phase_configs(phase)
     torch.manual_seed(0)
     model = HybridLM(model_cfg).to(DEVICE)
-    trainer = Trainer(model, train, GuardConfig(guard=guard), DEVICE, total_steps=10_000, amp_dtype=_amp(train))
+    trainer = Trainer(model, train, GuardConfig(guard=guard), DEVICE, total_steps=10_000, amp_dtype=_amp(train),
+                      plasticity_cfg=plasticity)
     batch = _batch(train)
 
     def step():
@@ -89,7 +90,7 @@ def hybrid_step(phase: int, guard: bool = True):
 
 
 def transformer_step(phase: int):
-    model_cfg, train = phase_configs(phase)
+    model_cfg, train, _ = phase_configs(phase)
     torch.manual_seed(0)
     model = TransformerLM(VOCAB, model_cfg.hidden_dim, model_cfg.num_layers, train.sequence_length).to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
