@@ -115,7 +115,9 @@ class StepGuard:
             max_norm = torch.where(spike, torch.minimum(max_norm, threshold), max_norm)
             self.spikes_clipped += spike.long()
         band = band_of(norm, self._edges)
-        self._update_norm_stats(norm, grads_ok, torch.where(spike, threshold, norm))
+        # a clipped spike enters the statistics at its clipped value; a skipped step, like a
+        # non-finite one, never happened and stays out
+        self._update_norm_stats(norm, grads_ok & ~skip_spike, torch.where(spike, threshold, norm))
         return Verdict(skip=skip, reason=reason, band=band, max_norm=max_norm,
                        overflow=loss_ok & ~grads_ok, loss_ok=loss_ok)
 
@@ -141,6 +143,18 @@ class StepGuard:
                                              torch.where(skipped, self.consecutive_skips, 0))
         row = torch.stack([loss.float(), grad_norm.float(), verdict.reason.float(),
                            verdict.band.float(), scale.float(), lr.float()])
+        self.history[step % self.window].copy_(row)
+
+    def record_unguarded(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, scale: torch.Tensor,
+                         lr: torch.Tensor) -> None:
+        """Record a step taken with --no-guard: never skipped, whatever its values, so the
+        run still logs it (and a drill can show what the guard would have prevented)."""
+        band = band_of(grad_norm, self._edges)
+        self.bands += F.one_hot(band, len(BANDS))
+        self.skips[OK] += 1
+        self.good_steps += 1
+        row = torch.stack([loss.float(), grad_norm.float(), torch.zeros_like(loss).float(), band.float(),
+                           scale.float(), lr.float()])
         self.history[step % self.window].copy_(row)
 
     def read(self) -> dict[str, Any]:

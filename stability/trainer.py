@@ -174,7 +174,7 @@ class Trainer:
         if self.plasticity is not None:
             self.plasticity.observe_grads(grads)
         if not self.guard_cfg.guard:
-            return self._unguarded_step(grads, grad_norm, loss_sum / len(batches), tokens, out)
+            return self._unguarded_step(grads, grad_norm, loss_sum / len(batches), tokens, out, lr)
         # 4. judge, clip, guarded step
         verdict = self.guard.judge(loss_ok, grad_norm)
         if self.cfg.gradient_clip > 0 or self.guard_cfg.spike_policy == "clip":
@@ -193,16 +193,17 @@ class Trainer:
         self.step += 1
         return StepOutput(loss_sum / len(batches), grad_norm, verdict, tokens)
 
-    def _unguarded_step(self, grads, grad_norm, loss, tokens, out) -> StepOutput:
+    def _unguarded_step(self, grads, grad_norm, loss, tokens, out, lr) -> StepOutput:
         """The same step with no guard: the baseline the guard's overhead is measured
         against, and what ``--no-guard`` runs. A non-finite step corrupts the weights."""
         if self.cfg.gradient_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.gradient_clip, grad_norm, foreach=True)
         self.optimizer.found_inf = None
         self.optimizer.step()
+        scale_used = self.policy.scale_t
         self.policy.update(torch.isfinite(grad_norm).logical_not(), torch.isfinite(loss))
         self.optimizer.zero_grad(set_to_none=True)
-        self.guard.good_steps += 1
+        self.guard.record_unguarded(self.step, loss, grad_norm, scale_used, lr)
         self._after_step(out, None, loss)
         self.step += 1
         return StepOutput(loss, grad_norm, None, tokens)

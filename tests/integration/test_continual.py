@@ -10,6 +10,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 from stability.trainer import Trainer
 from tests.integration.cli_helpers import FAST, TINY_MODEL, records, run_cli
@@ -101,3 +102,37 @@ def test_full_size_phase_command_runs_clean(tmp_path, phase):
     assert run_cli(["--phase", str(phase), "--max-steps", "3", "--log-every", "3", "--eval-batches", "4",
                     "--fisher-batches", "2", "--output-dir", str(out)]) == 0
     assert records(out, "skip") == [] and len(records(out, "task")) == (2 if phase == 3 else 5)
+
+
+def _run(tmp_path, data, *extra):
+    import io
+
+    from stability.cli import build_parser, resolve
+    from stability.run import Run
+
+    spec = resolve(build_parser().parse_args(["train", "--data", str(data), *FAST, *TINY_MODEL, *CONTINUAL,
+                                              "--output-dir", str(tmp_path / "run"), *extra]))
+    job = Run(spec, io.StringIO())
+    job.setup()
+    return job
+
+
+def test_replay_mixes_earlier_tasks_into_batches_and_off_means_off(tmp_path, two_domains):
+    from stability.run import Position
+
+    on = _run(tmp_path / "on", two_domains, "--use-replay", "--replay-fraction", "0.5")
+    raw_x, _ = on.tasks[1].train.get(0, 0)
+    first_task = on.tasks[0].train.get(0, 0)[0]
+    on.replay.offer(torch.cat([first_task, first_task[:, -1:]], dim=1), task=0)
+    x, _ = on._batch(Position(1, 0, 0))
+    assert torch.equal(x[:2], raw_x[:2]) and not torch.equal(x[2:], raw_x[2:])
+    assert all(any(torch.equal(row, old) for old in first_task) for row in x[2:]), "rows come from task 1"
+    off = _run(tmp_path / "off", two_domains)
+    assert off.replay is None and torch.equal(off._batch(Position(1, 0, 0))[0], raw_x)
+
+
+@pytest.mark.parametrize("strength,active", [("0", False), ("1000", True)])
+def test_consolidation_strength_zero_means_no_ewc_penalty(tmp_path, two_domains, strength, active):
+    job = _run(tmp_path, two_domains, "--consolidation-strength", strength, "--max-steps", "4", "--fisher-batches", "2")
+    assert job.fit() == 0
+    assert (job.trainer.loss_hook is not None) == active

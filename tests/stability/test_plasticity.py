@@ -174,3 +174,11 @@ def test_state_dict_round_trip_continues_identically():
     assert all(torch.equal(x, y) for x, y in zip(synapses(a), synapses(b_)))
     assert torch.equal(a.plasticity.m_lr, b_.plasticity.m_lr)
     assert all(torch.equal(x, y) for x, y in zip(a.plasticity.theta, b_.plasticity.theta))
+
+
+def test_meta_plasticity_off_leaves_every_group_at_the_scheduled_rate():
+    t = make("loss:nan@2", use_stdp=True, use_meta_plasticity=False)
+    for b in batches(4):
+        t.train_step([b])
+    assert torch.equal(t.group_lr_scale, torch.ones_like(t.group_lr_scale))
+    assert torch.equal(t.plasticity.m_lr, torch.ones(2))

@@ -62,7 +62,9 @@ def run_twins(site: str, kind: str, at: int, n: int = 6, hybrid: bool | dict = F
     return treated, control
 
 
-SITES = ["loss", "grad", "activation[blocks.0]", "grad[blocks.1]"]
+# the loss, every gradient group (each block, the shared head) and every block's activations
+SITES = ["loss", "grad", "grad[blocks.0]", "grad[blocks.1]", "grad[head]", "activation[blocks.0]",
+         "activation[blocks.1]"]
 
 
 @pytest.mark.parametrize("site", SITES)
@@ -75,6 +77,14 @@ def test_skipped_step_leaves_no_trace_fp32(site, kind, at):
     assert sum(v for k, v in counters["skips"].items() if k != "ok") == 1
     expected = "overflow" if site.startswith("grad") else "nonfinite_loss"
     assert counters["skips"][expected] == 1
+
+
+def test_spike_under_skip_policy_leaves_no_trace():
+    guard = {"spike_policy": "skip", "spike_warmup": 3, "spike_zscore": 3.0}
+    treated, control = run_twins("grad", "spike", 6, n=9, guard=guard)
+    assert_same_state(treated, control)
+    # short warm-up statistics also flag a natural spike, in both twins alike
+    assert treated.guard.read()["skips"]["spike"] == control.guard.read()["skips"]["spike"] + 1
 
 
 def test_no_fault_control_is_identical_to_itself():
