@@ -120,7 +120,8 @@ class ModelConfig:
         """Every problem with this configuration, each naming the flag to change."""
         p: list[str] = []
         positive = (
-            "vocab_size", "hidden_dim", "num_layers", "spiking_units", "liquid_units", "ltc_ode_unfolds", "mamba_d_state", "mamba_d_conv",
+            "vocab_size", "hidden_dim", "num_layers", "spiking_units", "liquid_units", "ltc_ode_unfolds",
+            "mamba_d_state", "mamba_d_conv",
             "mamba_expand", "spike_rate_window", "num_gate_heads", "cross_attn_heads",
         )
         for name in positive:

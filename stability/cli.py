@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 import types
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any, Literal
 
 from model.config import ModelConfig, flag
@@ -136,7 +136,8 @@ def resolve(args: argparse.Namespace):
         values = {**values, **TINY, **TINY_TRAIN}
     for name in ("num_tasks", "consolidation_strength", "fisher_batches"):
         if name in explicit and not values.get("continual_learning"):
-            raise CliError(f"--{name.replace('_', '-')} only applies with --continual-learning; add it or drop the flag")
+            raise CliError(f"--{name.replace('_', '-')} only applies with --continual-learning; "
+                           "add it or drop the flag")
     stdp_only = ("stdp_type", "stdp_learning_rate", "stdp_tau_plus", "stdp_tau_minus")
     for name in stdp_only:
         if name in explicit and not values.get("use_stdp"):

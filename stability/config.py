@@ -181,7 +181,8 @@ class GuardConfig(_Config):
 
     def __post_init__(self) -> None:
         p: list[str] = []
-        _check_positive(self, ("growth_interval", "overflow_patience", "overflow_limit", "spike_warmup", "rollback_after",
+        _check_positive(self, ("growth_interval", "overflow_patience", "overflow_limit", "spike_warmup",
+                               "rollback_after",
                                "snapshot_every"), p)
         if self.max_rollbacks < 0:
             p.append(f"--max-rollbacks must be >= 0, got {self.max_rollbacks}")

@@ -26,7 +26,8 @@ backward transfer is its negative, the usual sign.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -27,8 +27,15 @@ from typing import Any, TextIO
 import torch
 
 from model import HybridLM, ModelConfig
-from stability.checkpoint import atomic_write_bytes, copy_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from stability.checkpoint import CorruptStateError, set_rng_state
+from stability.checkpoint import (
+    CorruptStateError,
+    atomic_write_bytes,
+    copy_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from stability.config import ContinualConfig, GuardConfig, PlasticityConfig, TrainConfig
 from stability.continual import EWC, ReplayBuffer, format_matrix, per_sequence_loss, transfer
 from stability.data import Corpus, TokenBatches, encode_documents, load_corpus, unigram_loss

@@ -1,6 +1,7 @@
 """Fixtures for the whole suite (hardware gating and profiles live in the root conftest)."""
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -10,3 +11,12 @@ def _private_cache(tmp_path_factory):
     mp.setenv("LSNN_CACHE_DIR", str(tmp_path_factory.mktemp("lsnn-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture
+def exact_fp32_cuda():
+    """TF32 off in matmuls and convolutions: the CUDA results are compared with fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -37,5 +37,6 @@ def fault_plans(draw: st.DrawFn, steps: int = 12, max_faults: int = 4) -> str:
     items = []
     for step in sorted(at):
         site = draw(st.sampled_from(TRANSIENT_SITES))
-        items.append(f"overflow@{step}" if site == "overflow" else f"{site}:{draw(st.sampled_from(FAULT_KINDS))}@{step}")
+        kind = draw(st.sampled_from(FAULT_KINDS))
+        items.append(f"overflow@{step}" if site == "overflow" else f"{site}:{kind}@{step}")
     return ",".join(items)

@@ -8,6 +8,7 @@ from stability.cli import PHASES
 from stability.drill import TINY, TINY_TRAIN
 from tests.integration.cli_helpers import records, run_cli
 
+
 def tiny_phase_args(phase: int) -> list[str]:
     """The phase's preset, flag for flag, at tiny sizes."""
     values = {**PHASES[phase], **TINY, **TINY_TRAIN}

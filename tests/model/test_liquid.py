@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 import torch
+from ncps.torch import LTC as NcpsLTC
 from ncps.torch import CfC as NcpsCfC
 from ncps.torch import CfCCell as NcpsCfCCell
-from ncps.torch import LTC as NcpsLTC
 from ncps.torch import LTCCell as NcpsLTCCell
 from ncps.wirings import FullyConnected
 from torch import nn

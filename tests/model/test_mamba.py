@@ -202,15 +202,6 @@ def test_scan_impls_give_the_reference_output_and_gradients(scan_impl):
         assert_close(grad, grads_ref[name], scale=GRAD_SCALE, msg=f"d{name}")
 
 
-@pytest.fixture
-def exact_fp32_cuda():
-    """TF32 off in matmuls and convolutions: the CUDA results are compared with fp32."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("scan_impl", ["auto", "chunked"])
 @pytest.mark.parametrize("use_fast_path", [False, True])

@@ -361,15 +361,6 @@ def test_auto_dispatch_on_cpu_equals_loop():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def exact_fp32_cuda():
-    """TF32 off in matmuls and convolutions: the CUDA results are compared with fp32."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @pytest.mark.gpu
 def test_auto_on_cuda_picks_the_kernel_when_installed_else_chunked():
     expected = "cuda" if mamba_ssm_available() else "chunked"
