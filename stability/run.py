@@ -19,6 +19,7 @@ import json
 import math
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -268,7 +269,9 @@ class Run:
         self._step_batches: dict[int, list[Position]] = {}
         self._plasticity_seen: dict[str, list] | None = None
         self._snapshot()
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        # Ctrl-C finishes the step and saves; only the main thread may install a handler
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if main else None
         flushed = _denormals_flushed()
         if self.device.type == "cpu":
             # Subnormal floats run ~10x slower on x86; a Transformer LM at lr 1e-4 measured
@@ -281,7 +284,8 @@ class Run:
         except Unrecoverable as e:
             return self._unrecoverable(e)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            if main:
+                signal.signal(signal.SIGINT, previous)
             torch.set_flush_denormal(flushed)  # process-wide state: leave it as it was
         self._save("last.pt")
         self.report.line(f"done: {self.trainer.step} steps; checkpoints in {self.out / 'checkpoints'}")

@@ -72,6 +72,8 @@ def test_explicit_flags_override_the_preset():
     (["--inject-fault", "grad[blocks.9]:nan@3"], "names no module"),
     (["--sequence-length", "50000000"], "--sequence-length 50000000"),
     (["--data", "/nonexistent/text"], "--data /nonexistent/text"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available") if not torch.cuda.is_available()
+    else (["--device", "tpu"], "--device"),
 ])
 def test_bad_input_exits_2_names_the_flag_and_writes_nothing(tmp_path, corpus, capsys, args, needle):
     out = tmp_path / "run"
@@ -178,3 +180,14 @@ def test_a_run_leaves_the_process_denormal_setting_as_it_found_it(tmp_path, corp
     assert run_cli(["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(tmp_path / "r"),
                     "--max-steps", "2"]) == 0
     assert torch.tensor([1e-39]).mul(1.0).item() != 0
+
+
+def test_a_run_in_a_worker_thread_trains_without_installing_a_signal_handler(tmp_path, corpus):
+    import threading
+
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(run_cli(
+        ["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(tmp_path / "r"), "--max-steps", "2"])))
+    worker.start()
+    worker.join()
+    assert codes == [0]
