@@ -353,23 +353,30 @@ class Run:
         x, y = self.tasks[pos.task].train.get(pos.epoch, pos.index)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def _mix_replay(self, x: torch.Tensor, y: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """With replay, the batch's last sequences swapped for earlier tasks'."""
+        if self.replay is None:
+            return x, y
+        k = max(1, round(self.spec.continual.replay_fraction * x.shape[0]))
+        old = self.replay.sample(k, task)
+        if old is None:
+            return x, y
+        x, y = x.clone(), y.clone()
+        x[-k:], y[-k:] = old[:, :-1], old[:, 1:]
+        return x, y
+
     def _batch(self, pos: Position) -> tuple[torch.Tensor, torch.Tensor]:
-        """A training batch; with replay, its last sequences swapped for earlier tasks'."""
-        x, y = self.tasks[pos.task].train.get(pos.epoch, pos.index)
-        if self.replay is not None:
-            k = max(1, round(self.spec.continual.replay_fraction * x.shape[0]))
-            old = self.replay.sample(k, pos.task)
-            if old is not None:
-                x, y = x.clone(), y.clone()
-                x[-k:], y[-k:] = old[:, :-1], old[:, 1:]
+        """The training batch at ``pos`` as a step sees it, on the device."""
+        x, y = self._mix_replay(*self.tasks[pos.task].train.get(pos.epoch, pos.index), pos.task)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _step(self, window: list[Position]) -> None:
-        batches = [self._batch(p) for p in window]
-        out = self.trainer.train_step(batches)
-        if self.replay is not None:
-            for p in window:  # offer the task's own sequences, not the replayed ones
-                x, y = self.tasks[p.task].train.get(p.epoch, p.index)
+        raw = [self.tasks[p.task].train.get(p.epoch, p.index) for p in window]
+        batches = [self._mix_replay(x, y, p.task) for (x, y), p in zip(raw, window)]
+        out = self.trainer.train_step([(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                                       for x, y in batches])
+        if self.replay is not None:  # offer the task's own sequences, not the replayed ones
+            for (x, y), p in zip(raw, window):
                 self.replay.offer(torch.cat([x, y[:, -1:]], dim=1), p.task)
         self._step_batches[self.trainer.step] = window
         self.monitor.tokens += out.tokens

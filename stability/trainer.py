@@ -166,6 +166,7 @@ class Trainer:
             self.policy.scale(total / len(batches)).backward()
             loss_sum += loss.detach()  # the language-model loss, comparable to validation
             tokens += y.numel()
+        mean_loss = loss_sum / len(batches)
         if self.injector:
             self.injector.on_grads()
         # 3. unscale and measure
@@ -175,7 +176,7 @@ class Trainer:
         if self.plasticity is not None:
             self.plasticity.observe_grads(grads)
         if not self.guard_cfg.guard:
-            return self._unguarded_step(grads, grad_norm, loss_sum / len(batches), tokens, out, lr)
+            return self._unguarded_step(grads, grad_norm, mean_loss, tokens, out, lr)
         # 4. judge, clip, guarded step
         verdict = self.guard.judge(loss_ok, grad_norm)
         if self.cfg.gradient_clip > 0 or self.guard_cfg.spike_policy == "clip":
@@ -189,10 +190,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # fp16 overflows belong to the scale policy, every other skip to rollback
         counts = verdict.reason != OVERFLOW if self.policy.enabled else torch.ones_like(loss_ok)
-        self.guard.commit(self.step, verdict, loss_sum / len(batches), grad_norm, scale_used, lr, counts)
-        self._after_step(out, verdict.skip, loss_sum / len(batches))
+        self.guard.commit(self.step, verdict, mean_loss, grad_norm, scale_used, lr, counts)
+        self._after_step(out, verdict.skip, mean_loss)
         self.step += 1
-        return StepOutput(loss_sum / len(batches), grad_norm, verdict, tokens)
+        return StepOutput(mean_loss, grad_norm, verdict, tokens)
 
     def _unguarded_step(self, grads, grad_norm, loss, tokens, out, lr) -> StepOutput:
         """The same step with no guard: the baseline the guard's overhead is measured

@@ -313,12 +313,12 @@ def test_cuda_guarded_step_makes_no_sync(amp):
     data = [(x.to(CUDA), y.to(CUDA)) for x, y in batches(6)]
     t.train_step(data[:2])  # first step: lazy optimizer state
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call now raises
     try:
-        t.train_step(data[2:4])
-        t.train_step(data[4:6])
+        outs = [t.train_step(data[2:4]), t.train_step(data[4:6])]
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert t.guard.read()["good_steps"] == 3 and all(o.verdict is not None for o in outs)
 
 
 def test_loading_a_state_never_aliases_it():
