@@ -8,6 +8,9 @@ fixtures; only the step is timed. On CUDA the step is synchronised inside the ti
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -130,3 +133,30 @@ STEPS = {"hybrid": hybrid_step, "transformer": transformer_step}
 def test_step(benchmark, phase, model):
     benchmark.group = f"phase {phase} step"
     _bench(benchmark, STEPS[model], phase, ROUNDS[phase])
+
+
+def test_phase1_paired_ratio(benchmark):
+    """Hybrid step / Transformer step at the phase-1 shape, the two run back to back in
+    alternating order every round; extra_info holds the median and quartiles of the
+    per-round ratios (drift hits both alike, unlike two separately timed groups)."""
+    benchmark.group = "phase 1, paired"
+    hybrid, _ = hybrid_step(1)
+    transformer, _ = transformer_step(1)
+    for _ in range(5):
+        hybrid()
+        transformer()
+    ratios: list[float] = []
+
+    def pair():
+        first, second = (hybrid, transformer) if len(ratios) % 2 else (transformer, hybrid)
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        h, t = (t1 - t0, t2 - t1) if first is hybrid else (t2 - t1, t1 - t0)
+        ratios.append(h / t)
+
+    benchmark.pedantic(pair, rounds=150, iterations=1)
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    benchmark.extra_info.update(hybrid_over_transformer_median=median, quartiles=[q1, q3])
