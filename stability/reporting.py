@@ -27,6 +27,12 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _summary_key(rec: dict[str, Any]) -> tuple:
+    if rec.get("complete", True):
+        return rec.get("task", 0), rec["epoch"]
+    return rec.get("task", 0), rec["epoch"], "stopped at", rec.get("step")
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
     """Every record of a metrics.jsonl file, in order."""
     path = Path(path)
@@ -86,8 +92,9 @@ class Reporter:
                     tokens_per_s=tokens_per_s, band=band, skipped=skipped, skip_reason=skip_reason, **extra)
 
     def epoch_summary(self, task: int, epoch: int, text: str, **fields: Any) -> bool:
-        """Print and record an epoch summary unless (task, epoch) was already reported."""
-        key = (task, epoch)
+        """Print and record an epoch summary unless it was already reported: a complete
+        epoch once per (task, epoch), a --max-steps stop once per (task, epoch, step)."""
+        key = _summary_key({"task": task, "epoch": epoch, **fields})
         if key in self._summaries:
             return False
         self._summaries.add(key)
@@ -105,7 +112,7 @@ class Reporter:
             if rec.get("step", 0) <= step:
                 kept.append(raw)
                 if rec.get("kind") == "epoch":
-                    self._summaries.add((rec.get("task", 0), rec["epoch"]))
+                    self._summaries.add(_summary_key(rec))
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(k + "\n" for k in kept))
         tmp.replace(self.metrics_path)

@@ -178,6 +178,7 @@ class Run:
         self.spec = spec
         self.stream = stream or sys.stdout
         self.stop_requested = False
+        self._done = False
 
     # set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -312,14 +313,13 @@ class Run:
             self._sync()
             if self.monitor.totals.steps:  # unless the epoch that just ended was reported
                 self._end_epoch(epoch_done=False)
-            if self.spec.continual.continual_learning and self.position.task + 1 < len(self.tasks):
+            if self.spec.continual.continual_learning:
                 self._end_task(self.position.task)
+            if self.spec.continual.continual_learning and self.position.task + 1 < len(self.tasks):
                 self.position = Position(self.position.task + 1, 0, 0)
                 self._start_task()
             else:
-                if self.spec.continual.continual_learning:
-                    self._end_task(self.position.task)
-                self.position = Position(len(self.tasks), 0, 0)
+                self._done = True  # the position stays true, so --resume with more steps continues
         return False
 
     def _budget_spent(self) -> bool:
@@ -330,7 +330,7 @@ class Run:
         return used >= t.max_steps
 
     def _finished(self) -> bool:
-        return self.position.task >= len(self.tasks)
+        return self._done or self.position.task >= len(self.tasks)
 
     def _next_window(self, pos: Position) -> tuple[list[Position], Position]:
         """The micro-batches of the next optimizer step, minus batches that failed before

@@ -191,3 +191,56 @@ def test_a_run_in_a_worker_thread_trains_without_installing_a_signal_handler(tmp
     worker.start()
     worker.join()
     assert codes == [0]
+
+
+@pytest.mark.parametrize("every,expected", [("2", [2, 4, 5, 5]), ("0", [5, 5])])
+def test_checkpoint_every_writes_intermediate_checkpoints(tmp_path, corpus, monkeypatch, every, expected):
+    import stability.run
+
+    saved = []
+    original = stability.run.save_checkpoint
+
+    def spy(path, state, weights):
+        saved.append(state["trainer"]["step"])
+        return original(path, state, weights)
+
+    monkeypatch.setattr(stability.run, "save_checkpoint", spy)
+    assert run_cli(["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(tmp_path / "r"),
+                    "--max-steps", "5", "--checkpoint-every", every]) == 0
+    assert saved == expected  # then the epoch end and the end of the run
+
+
+def test_gradient_accumulation_reads_that_many_batches_per_step(tmp_path, corpus):
+    out = tmp_path / "r"
+    assert run_cli(["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(out), "--max-steps", "3",
+                    "--gradient-accumulation-steps", "2", "--log-every", "3"]) == 0
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["position"]["index"] == 6
+    (step,) = records(out, "step")
+    assert step["step"] == 3
+
+
+def test_seed_changes_the_run_and_the_same_seed_repeats_it(tmp_path, corpus):
+    losses = []
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        out = tmp_path / name
+        assert run_cli(["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(out), "--max-steps", "2",
+                        "--log-every", "2", "--seed", seed]) == 0
+        losses.append(records(out, "step")[0]["loss"])
+    assert losses[0] == losses[1] != losses[2]
+
+
+def test_a_run_stopped_by_max_steps_resumes_with_more_steps(tmp_path, corpus):
+    common = ["--data", str(corpus), *FAST, *TINY_MODEL, "--log-every", "2"]
+    straight = tmp_path / "straight"
+    assert run_cli([*common, "--output-dir", str(straight), "--max-steps", "8"]) == 0
+    staged = tmp_path / "staged"
+    assert run_cli([*common, "--output-dir", str(staged), "--max-steps", "4"]) == 0
+    assert run_cli([*common, "--output-dir", str(staged), "--max-steps", "8", "--resume"]) == 0
+    assert load_checkpoint(staged / "checkpoints" / "last.pt")["trainer"]["step"] == 8
+    assert [r["step"] for r in records(staged, "step")] == [2, 4, 6, 8]
+    assert [r["step"] for r in records(staged, "epoch")] == [4, 8], "each stop gets its own summary"
+    # the same batches in the same order (the schedule's horizon is the first run's, so the
+    # learning rates, and with them the losses, differ after step 4)
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")["position"]
+    assert load_checkpoint(staged / "checkpoints" / "last.pt")["position"] == a

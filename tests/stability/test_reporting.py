@@ -53,3 +53,11 @@ def test_truncate_after_keeps_earlier_records_and_remembers_their_summaries(tmp_
     resumed.truncate_after(4)
     assert [x.get("step") for x in read_records(tmp_path / "metrics.jsonl")] == [2, 4, 4]
     assert not resumed.epoch_summary(1, 1, "epoch 1", step=4), "already reported before the stop"
+
+
+def test_a_partial_summary_at_max_steps_does_not_hide_the_epochs_real_end(tmp_path):
+    r = Reporter(tmp_path, io.StringIO())
+    assert r.epoch_summary(1, 1, "epoch 1 (stopped)", step=4, complete=False)
+    assert not r.epoch_summary(1, 1, "epoch 1 (stopped)", step=4, complete=False)
+    assert r.epoch_summary(1, 1, "epoch 1", step=9, complete=True)
+    assert not r.epoch_summary(1, 1, "epoch 1", step=9, complete=True)

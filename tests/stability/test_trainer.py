@@ -335,3 +335,12 @@ def test_loading_a_state_never_aliases_it():
     for k, st in snapshot["optimizer"]["state"].items():
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(st[key], frozen["optimizer"]["state"][k][key]), "training mutated the snapshot"
+
+
+def test_weight_decay_shrinks_matrices_but_not_biases_or_norms():
+    plain, decayed = make(weight_decay=0.0), make(weight_decay=0.5)
+    for t in (plain, decayed):
+        t.train_step(batches(1))
+    w_plain, w_decayed = plain.model.head.weight, decayed.model.head.weight
+    assert not torch.equal(w_plain, w_decayed)
+    assert torch.equal(plain.model.head.bias, decayed.model.head.bias), "biases are not decayed"
