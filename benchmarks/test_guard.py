@@ -7,13 +7,10 @@ benchmark reports each one's own time and the median of per-round ratios.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 
-from benchmarks.test_phases import hybrid_step
+from benchmarks.test_phases import bench_paired, hybrid_step
 
 
 @pytest.fixture(autouse=True)
@@ -36,22 +33,6 @@ def test_step(benchmark, guard):
 def test_paired_ratio(benchmark):
     """Median over rounds of guarded/unguarded time, each round running both."""
     benchmark.group = "guard overhead (phase 1), paired"
-    guarded, _ = hybrid_step(1, guard=True)
-    plain, _ = hybrid_step(1, guard=False)
-    for _ in range(3):
-        guarded()
-        plain()
-    ratios = []
-
-    def pair():
-        first, second = (guarded, plain) if len(ratios) % 2 else (plain, guarded)
-        t0 = time.perf_counter()
-        first()
-        t1 = time.perf_counter()
-        second()
-        t2 = time.perf_counter()
-        g, p = (t1 - t0, t2 - t1) if first is guarded else (t2 - t1, t1 - t0)
-        ratios.append(g / p)
-
-    benchmark.pedantic(pair, rounds=80, iterations=1)
-    benchmark.extra_info["guarded_over_unguarded_median"] = statistics.median(ratios)
+    q1, median, q3 = bench_paired(benchmark, hybrid_step(1, guard=True)[0], hybrid_step(1, guard=False)[0],
+                                  rounds=80)
+    benchmark.extra_info.update(guarded_over_unguarded_median=median, quartiles=[q1, q3])

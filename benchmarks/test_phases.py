@@ -135,28 +135,32 @@ def test_step(benchmark, phase, model):
     _bench(benchmark, STEPS[model], phase, ROUNDS[phase])
 
 
-def test_phase1_paired_ratio(benchmark):
-    """Hybrid step / Transformer step at the phase-1 shape, the two run back to back in
-    alternating order every round; extra_info holds the median and quartiles of the
-    per-round ratios (drift hits both alike, unlike two separately timed groups)."""
-    benchmark.group = "phase 1, paired"
-    hybrid, _ = hybrid_step(1)
-    transformer, _ = transformer_step(1)
+def bench_paired(benchmark, a, b, rounds: int) -> tuple[float, float, float]:
+    """Time ``a`` and ``b`` back to back in every round, alternating which goes first, and
+    return the quartiles (q1, median, q3) of the per-round ratios a/b: machine drift hits
+    both alike, unlike two separately timed groups."""
     for _ in range(5):
-        hybrid()
-        transformer()
+        a()
+        b()
     ratios: list[float] = []
 
     def pair():
-        first, second = (hybrid, transformer) if len(ratios) % 2 else (transformer, hybrid)
+        first, second = (a, b) if len(ratios) % 2 else (b, a)
         t0 = time.perf_counter()
         first()
         t1 = time.perf_counter()
         second()
         t2 = time.perf_counter()
-        h, t = (t1 - t0, t2 - t1) if first is hybrid else (t2 - t1, t1 - t0)
-        ratios.append(h / t)
+        ta, tb = (t1 - t0, t2 - t1) if first is a else (t2 - t1, t1 - t0)
+        ratios.append(ta / tb)
 
-    benchmark.pedantic(pair, rounds=150, iterations=1)
+    benchmark.pedantic(pair, rounds=rounds, iterations=1)
     q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return q1, median, q3
+
+
+def test_phase1_paired_ratio(benchmark):
+    """Hybrid step / Transformer step at the phase-1 shape, paired round by round."""
+    benchmark.group = "phase 1, paired"
+    q1, median, q3 = bench_paired(benchmark, hybrid_step(1)[0], transformer_step(1)[0], rounds=150)
     benchmark.extra_info.update(hybrid_over_transformer_median=median, quartiles=[q1, q3])
