@@ -21,6 +21,7 @@ from stability.config import (
     ContinualConfig,
     GuardConfig,
     PlasticityConfig,
+    RunSpec,
     TrainConfig,
     field_docs,
 )
@@ -122,8 +123,6 @@ def _split(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 
 def resolve(args: argparse.Namespace):
     """Configs from dataclass defaults <- the --phase preset <- explicit flags."""
-    from stability.run import RunSpec
-
     explicit = vars(args).copy()
     explicit.pop("command", None)
     phase = explicit.pop("phase", None)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from model.config import flag
+from model.config import ModelConfig, flag
 
 
 class ConfigError(ValueError):
@@ -296,3 +296,18 @@ class ContinualConfig(_Config):
         if not 0 < self.replay_fraction < 1:
             p.append(f"--replay-fraction must be in (0, 1), got {self.replay_fraction}")
         _raise_if(p, "continual-learning configuration")
+
+
+@dataclass
+class RunSpec:
+    """Everything a run is configured by."""
+
+    model: ModelConfig
+    train: TrainConfig
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    plasticity: PlasticityConfig = field(default_factory=PlasticityConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.continual.num_tasks if self.continual.continual_learning else 1

@@ -25,13 +25,8 @@ import sysconfig
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from stability.tokenizers import Tokenizer
 
 IGNORE_INDEX = -100
 """Target of a pad: ``torch.nn.functional.cross_entropy``'s default ignore_index."""
@@ -40,8 +35,6 @@ DATASETS: tuple[str, ...] = ("stdlib", "wikitext2")
 DEFAULT_VAL_FRACTION = 0.05
 SEGMENT_CHARS = 16 * 1024
 """Target size of the segments a single ``--data`` file is split into."""
-ENCODE_CHUNK_DOCS = 64
-"""Documents per ``encode_batch`` call: bounds the tokenizer's per-call memory."""
 
 # Tests (with their deliberately malformed data files) and installed packages are not the
 # standard library's own source.
@@ -461,18 +454,6 @@ def load_corpus(
 
 
 # --- token streams and batches ----------------------------------------------------------
-
-
-def encode_documents(tokenizer: Tokenizer, docs: Sequence[Document]) -> torch.Tensor:
-    """All documents as one int64 stream (n,), each followed by ``tokenizer.eos_id``."""
-    parts = [np.zeros(0, dtype=np.int64)]
-    texts = [d.text for d in docs]
-    chunks = (texts[i : i + ENCODE_CHUNK_DOCS] for i in range(0, len(texts), ENCODE_CHUNK_DOCS))
-    for chunk in chunks:
-        for ids in tokenizer.encode_batch(chunk):
-            parts.append(np.asarray(ids, dtype=np.int64))
-            parts.append(np.array([tokenizer.eos_id], dtype=np.int64))
-    return torch.from_numpy(np.concatenate(parts))  # (n,)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

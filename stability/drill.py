@@ -16,9 +16,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from stability.config import RunSpec
 from stability.faults import Fault, parse_faults
 from stability.reporting import read_records
-from stability.run import EXIT_OK, Run, RunSpec
+from stability.run import EXIT_OK, Run
 
 # Tiny sizes for `--tiny`: the phase's layout and features, at a fraction of the cost.
 TINY = dict(hidden_dim=32, num_layers=2, liquid_units=16, spiking_units=8, liquid_backbone_units=16,

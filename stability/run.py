@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,16 +37,16 @@ from stability.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from stability.config import ContinualConfig, GuardConfig, PlasticityConfig, TrainConfig
+from stability.config import RunSpec, TrainConfig
 from stability.continual import EWC, ReplayBuffer, format_matrix, per_sequence_loss, transfer
-from stability.data import Corpus, TokenBatches, encode_documents, load_corpus, unigram_loss
+from stability.data import Corpus, TokenBatches, load_corpus, unigram_loss
 from stability.faults import FaultInjector, parse_faults
 from stability.guard import REASONS
 from stability.monitor import Monitor, Totals
 from stability.recovery import Recovery, diagnose
 from stability.reporting import Reporter
 from stability.scaler import LossScaleError
-from stability.tokenizers import Tokenizer, default_cache_dir, load_tokenizer
+from stability.tokenizers import Tokenizer, default_cache_dir, encode_documents, load_tokenizer, save_tokenizer
 from stability.trainer import Trainer, lm_loss, resolve_amp_dtype, resolve_device
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_UNRECOVERABLE, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -79,21 +79,6 @@ class TaskData:
     val: TokenBatches
     unigram: float  # loss of predicting the validation split's own token frequencies
     unigram_acc: float  # accuracy of always predicting its most frequent token
-
-
-@dataclass
-class RunSpec:
-    """Everything a run is configured by."""
-
-    model: ModelConfig
-    train: TrainConfig
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    plasticity: PlasticityConfig = field(default_factory=PlasticityConfig)
-    continual: ContinualConfig = field(default_factory=ContinualConfig)
-
-    @property
-    def num_tasks(self) -> int:
-        return self.continual.num_tasks if self.continual.continual_learning else 1
 
 
 # --- set-up, all of it before anything is written ----------------------------------------
@@ -218,6 +203,7 @@ class Run:
             self._restore(ckpt)
         self.out.mkdir(parents=True, exist_ok=True)
         self._write_config()
+        save_tokenizer(self.tokenizer, self.out)  # lsnn sample / eval / export read it
 
     def _horizon(self, task: int) -> int:
         """The schedule's length for ``task``: its epochs, capped by --max-steps (which

@@ -10,13 +10,17 @@ called, so nothing here ever reaches the network.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from stability.data import Corpus, DataError
+import numpy as np
+import torch
+
+from stability.data import Corpus, DataError, Document
 
 if TYPE_CHECKING:
     import tiktoken
@@ -25,6 +29,8 @@ if TYPE_CHECKING:
 TOKENIZERS: tuple[str, ...] = ("bpe", "byte", "gpt2", "o200k")
 """Kinds accepted by ``--tokenizer``; ``bpe`` is the default."""
 DEFAULT_VOCAB_SIZE = 8192
+ENCODE_CHUNK_DOCS = 64
+"""Documents per ``encode_batch`` call: bounds the tokenizer's per-call memory."""
 EOS = "<|endoftext|>"
 BPE_RECIPE = "bytelevel-v1"
 """Part of the cache key: change it when the training recipe below changes."""
@@ -161,6 +167,59 @@ def load_tokenizer(
     if kind in _TIKTOKEN_FILES:
         return tiktoken_tokenizer(kind)
     raise DataError(f"--tokenizer {kind}: unknown tokenizer; choose one of {', '.join(TOKENIZERS)}")
+
+
+def encode_documents(tokenizer: Tokenizer, docs: Sequence[Document]) -> torch.Tensor:
+    """All documents as one int64 stream (n,), each followed by ``tokenizer.eos_id``."""
+    parts = [np.zeros(0, dtype=np.int64)]
+    texts = [d.text for d in docs]
+    chunks = (texts[i : i + ENCODE_CHUNK_DOCS] for i in range(0, len(texts), ENCODE_CHUNK_DOCS))
+    for chunk in chunks:
+        for ids in tokenizer.encode_batch(chunk):
+            parts.append(np.asarray(ids, dtype=np.int64))
+            parts.append(np.array([tokenizer.eos_id], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(parts))  # (n,)
+
+
+# --- a tokenizer saved beside a run or an exported model --------------------------------
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> Path:
+    """Write ``directory/tokenizer.json``: for BPE the ``tokenizers`` library's own file
+    (loadable by it and by ``transformers``), for the others a note naming the kind."""
+    path = Path(directory) / TOKENIZER_FILE
+    if isinstance(tokenizer, BPETokenizer):
+        text = tokenizer.tok.to_str()
+    else:
+        text = json.dumps({"lsnn_tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size})
+    _write_atomically(path, text)
+    return path
+
+
+def load_saved_tokenizer(directory: Path) -> Tokenizer:
+    """The tokenizer ``save_tokenizer`` wrote into ``directory``; DataError if it is missing
+    or unreadable."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(directory) / TOKENIZER_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the tokenizer ({e}); is {directory} a run or an export?") from e
+    kind = data.get("lsnn_tokenizer") if isinstance(data, dict) else None
+    if kind is None:
+        try:
+            return BPETokenizer(HFTokenizer.from_str(text), path, from_cache=True)
+        except Exception as e:  # the Rust side raises a bare Exception on a malformed file
+            raise DataError(f"{path}: not a tokenizers file ({e})") from e
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind in _TIKTOKEN_FILES:
+        return tiktoken_tokenizer(kind)
+    raise DataError(f"{path}: unknown tokenizer {kind!r}; valid: {', '.join(TOKENIZERS)}")
 
 
 # --- byte-level BPE ---------------------------------------------------------------------

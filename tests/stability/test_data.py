@@ -22,7 +22,6 @@ from stability.data import (
     DataError,
     Document,
     TokenBatches,
-    encode_documents,
     load_corpus,
     stdlib_corpus,
     text_corpus,
@@ -30,7 +29,7 @@ from stability.data import (
     validation_keys,
     wikitext2_corpus,
 )
-from stability.tokenizers import ByteTokenizer
+from stability.tokenizers import ByteTokenizer, encode_documents
 from tests.strategies import relative_paths, token_streams, window_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -391,13 +390,6 @@ def test_wikitext2_not_in_cache_says_to_fetch_it_once(monkeypatch, hf_env):
 
 
 # --- token streams and batches ----------------------------------------------------------
-
-
-def test_encode_documents_separates_documents_with_eos():
-    stream = encode_documents(ByteTokenizer(), [Document("a", "hi"), Document("b", "é")])
-    assert stream.dtype == torch.int64
-    assert stream.tolist() == [104, 105, 0, 0xC3, 0xA9, 0]
-    assert encode_documents(ByteTokenizer(), []).shape == (0,)
 
 
 def test_targets_are_inputs_shifted_by_one():

@@ -15,6 +15,7 @@ import pytest
 import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,14 +24,15 @@ from stability.data import (
     Corpus,
     DataError,
     Document,
-    encode_documents,
     stdlib_corpus,
     unigram_loss,
 )
 from stability.tokenizers import (
     BPETokenizer,
+    ByteTokenizer,
     TiktokenTokenizer,
     Tokenizer,
+    encode_documents,
     load_tokenizer,
 )
 
@@ -326,3 +328,33 @@ def test_unknown_tokenizer_lists_the_valid_kinds():
         match="--tokenizer sentencepiece: unknown tokenizer; choose one of bpe, byte, gpt2, o200k",
     ):
         load_tokenizer("sentencepiece", None)
+
+
+def test_encode_documents_separates_documents_with_eos():
+    stream = encode_documents(ByteTokenizer(), [Document("a", "hi"), Document("b", "é")])
+    assert stream.dtype == torch.int64
+    assert stream.tolist() == [104, 105, 0, 0xC3, 0xA9, 0]
+    assert encode_documents(ByteTokenizer(), []).shape == (0,)
+
+
+def test_a_saved_bpe_tokenizer_loads_back_and_encodes_the_same(tmp_path):
+    corpus = Corpus("tiny", [Document("a.txt", UNICODE * 20), Document("b.txt", "def f(x):\n    return x\n" * 50)],
+                    [Document("c.txt", "print('hi')\n")])
+    bpe = load_tokenizer("bpe", corpus, 300, tmp_path / "cache")
+    tk.save_tokenizer(bpe, tmp_path / "run")
+    again = tk.load_saved_tokenizer(tmp_path / "run")
+    assert isinstance(again, BPETokenizer) and again.vocab_size == bpe.vocab_size and again.eos_id == bpe.eos_id
+    assert again.encode(UNICODE) == bpe.encode(UNICODE) and again.decode(again.encode(UNICODE)) == UNICODE
+
+
+def test_a_saved_byte_tokenizer_loads_back(tmp_path):
+    tk.save_tokenizer(ByteTokenizer(), tmp_path)
+    assert isinstance(tk.load_saved_tokenizer(tmp_path), ByteTokenizer)
+
+
+@pytest.mark.parametrize("content", [None, "", "{not json", '{"lsnn_tokenizer": "wordpiece"}'])
+def test_a_missing_or_bad_saved_tokenizer_is_a_data_error_naming_the_file(tmp_path, content):
+    if content is not None:
+        (tmp_path / "tokenizer.json").write_text(content)
+    with pytest.raises(DataError, match="tokenizer.json"):
+        tk.load_saved_tokenizer(tmp_path)
