@@ -7,6 +7,7 @@ collected and raised as one ``ValueError`` that names the flags to change.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -15,10 +16,10 @@ SpikeMethod = Literal["rate", "temporal", "potential"]
 LiquidBackbone = Literal["cfc", "ltc"]
 Surrogate = Literal["atan", "fast_sigmoid"]
 
-INTEGRATION_MODES: tuple[str, ...] = ("sequential", "parallel", "bidirectional")
-SPIKE_METHODS: tuple[str, ...] = ("rate", "temporal", "potential")
-LIQUID_BACKBONES: tuple[str, ...] = ("cfc", "ltc")
-SURROGATES: tuple[str, ...] = ("atan", "fast_sigmoid")
+INTEGRATION_MODES: tuple[str, ...] = typing.get_args(IntegrationMode)
+SPIKE_METHODS: tuple[str, ...] = typing.get_args(SpikeMethod)
+LIQUID_BACKBONES: tuple[str, ...] = typing.get_args(LiquidBackbone)
+SURROGATES: tuple[str, ...] = typing.get_args(Surrogate)
 
 # Default surrogate sharpness, as snntorch's atan(alpha=2.0) and fast_sigmoid(slope=25).
 _SURROGATE_DEFAULT_SCALE = {"atan": 2.0, "fast_sigmoid": 25.0}
@@ -27,6 +28,33 @@ _SURROGATE_DEFAULT_SCALE = {"atan": 2.0, "fast_sigmoid": 25.0}
 def flag(name: str) -> str:
     """The CLI flag of a config field: ``liquid_units`` -> ``--liquid-units``."""
     return "--" + name.replace("_", "-")
+
+
+def field_problems(obj: Any) -> list[str]:
+    """Problems every config dataclass checks the same way, from its type hints: a
+    ``Literal`` field must hold one of its choices, and a float field a finite number
+    (NaN and inf pass every ``<``/``>`` range check silently, so they are refused first)."""
+    problems = []
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        tp, value = hints[f.name], getattr(obj, f.name)
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            continue
+        if typing.get_origin(tp) is Literal:
+            if value not in args:
+                problems.append(f"{flag(f.name)} must be one of {', '.join(map(str, args))}; got {value!r}")
+        elif tp is float or (float in args and type(None) in args):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                problems.append(f"{flag(f.name)} must be a finite number, got {value!r}")
+    return problems
+
+
+def merge_problems(field_msgs: list[str], range_msgs: list[str]) -> list[str]:
+    """``field_problems`` then the range checks, less range messages about a flag that is
+    already reported (NaN fails every range check too)."""
+    reported = {m.split()[0] for m in field_msgs}
+    return field_msgs + [m for m in range_msgs if m.split()[0] not in reported]
 
 
 @dataclass(frozen=True)
@@ -118,6 +146,7 @@ class ModelConfig:
 
     def problems(self) -> list[str]:
         """Every problem with this configuration, each naming the flag to change."""
+        found = field_problems(self)
         p: list[str] = []
         positive = (
             "vocab_size", "hidden_dim", "num_layers", "spiking_units", "liquid_units", "ltc_ode_unfolds",
@@ -148,16 +177,6 @@ class ModelConfig:
             not isinstance(self.mamba_dt_rank, int) or self.mamba_dt_rank < 1
         ):
             p.append(f"--mamba-dt-rank must be a positive integer, got {self.mamba_dt_rank!r}")
-        choices = (
-            ("integration_mode", INTEGRATION_MODES),
-            ("spike_to_mamba_method", SPIKE_METHODS),
-            ("liquid_backbone", LIQUID_BACKBONES),
-            ("surrogate", SURROGATES),
-            ("scan_impl", ("auto", "loop", "chunked", "cuda", "ref")),
-        )
-        for name, valid in choices:
-            if getattr(self, name) not in valid:
-                p.append(f"{flag(name)} must be one of {', '.join(valid)}; got {getattr(self, name)!r}")
         if not self.use_mamba:
             if self.integration_mode != "sequential":
                 p.append(
@@ -182,7 +201,7 @@ class ModelConfig:
                         f"--hidden-dim {self.hidden_dim} must be divisible by --cross-attn-heads "
                         f"{self.cross_attn_heads}; change one of them"
                     )
-        return p
+        return merge_problems(found, p)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
