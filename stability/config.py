@@ -12,14 +12,17 @@ import inspect
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from model.config import ModelConfig, flag
+from model.config import ModelConfig, field_problems, flag, merge_problems
 
 
 class ConfigError(ValueError):
     """A bad combination of flags; the message names each flag and what to do."""
 
 
-def _raise_if(problems: list[str], what: str) -> None:
+def _raise_if(obj: Any, problems: list[str], what: str) -> None:
+    """Raise one ConfigError with ``obj``'s choice and finiteness problems and ``problems``
+    (its range checks, which NaN would fail too: those are not repeated)."""
+    problems = merge_problems(field_problems(obj), problems)
     if problems:
         raise ConfigError(f"invalid {what}:\n  - " + "\n  - ".join(problems))
 
@@ -81,6 +84,8 @@ class TrainConfig(_Config):
     """Log a step line, and read the device-side health counters, every N steps."""
     checkpoint_every: int = 1000
     """Write checkpoints/last.pt every N steps as well as at each epoch end; 0: epoch ends only."""
+    keep_checkpoints: int = 3
+    """Keep the last K checkpoints taken at healthy moments (checkpoints/step-N.pt): rollback targets after a restart."""
     eval_batches: int | None = None
     """Validate on at most this many batches (default: the whole validation split)."""
     resume: bool = False
@@ -101,18 +106,19 @@ class TrainConfig(_Config):
     def __post_init__(self) -> None:
         p: list[str] = []
         _check_positive(self, ("epochs", "batch_size", "sequence_length", "gradient_accumulation_steps",
-                               "log_every", "vocab_size"), p)
+                               "log_every", "vocab_size", "keep_checkpoints"), p)
         if self.task != "llm":
             p.append(f"--task {self.task!r} is not supported; the only task is llm")
-        if not self.learning_rate > 0:
-            p.append(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if not 0 < self.learning_rate <= 1:
+            p.append(f"--learning-rate must be in (0, 1], got {self.learning_rate}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             p.append(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("warmup_steps", "checkpoint_every"):
             if getattr(self, name) < 0:
                 p.append(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
-        if self.weight_decay < 0:
-            p.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.weight_decay <= 1:
+            p.append(f"--weight-decay must be in [0, 1] (decoupled: each step shrinks weights by lr x it), "
+                     f"got {self.weight_decay}")
         if self.gradient_clip < 0:
             p.append(f"--gradient-clip must be >= 0 (0 turns clipping off), got {self.gradient_clip}")
         for name in ("max_steps", "eval_batches"):
@@ -125,7 +131,7 @@ class TrainConfig(_Config):
             p.append("--data and --dataset both name a corpus; give one of them")
         if self.amp_dtype != "auto" and not self.mixed_precision:
             p.append(f"--amp-dtype {self.amp_dtype} has no effect without --mixed-precision; add it")
-        _raise_if(p, "training configuration")
+        _raise_if(self, p, "training configuration")
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,14 @@ class GuardConfig(_Config):
     """Decay of the running mean and variance of the gradient norm."""
     spike_warmup: int = 25
     """Steps of statistics gathered before spikes are acted on."""
+    loss_spike_policy: Literal["skip", "off"] = "skip"
+    """Finite losses far above their running statistics (a z-score): skip the step, or ignore them."""
+    loss_spike_zscore: float = 6.0
+    """A loss this many running standard deviations above the running mean is a loss spike."""
+    loss_spike_min_rise: float = 0.1
+    """...and at least this fraction of the running mean above it, so a very steady loss does not skip every harder batch."""
+    loss_spike_warmup: int = 50
+    """Good steps of loss statistics gathered before loss spikes are acted on (again at each task)."""
     rollback_after: int = 5
     """Consecutive skipped steps after which training rolls back to the last good state (K)."""
     snapshot_every: int = 100
@@ -182,8 +196,7 @@ class GuardConfig(_Config):
     def __post_init__(self) -> None:
         p: list[str] = []
         _check_positive(self, ("growth_interval", "overflow_patience", "overflow_limit", "spike_warmup",
-                               "rollback_after",
-                               "snapshot_every"), p)
+                               "loss_spike_warmup", "rollback_after", "snapshot_every"), p)
         if self.max_rollbacks < 0:
             p.append(f"--max-rollbacks must be >= 0, got {self.max_rollbacks}")
         if not self.init_scale > 0 or not self.min_scale > 0:
@@ -198,13 +211,18 @@ class GuardConfig(_Config):
                 p.append(f"{flag(name)} must be in (0, 1), got {getattr(self, name)}")
         if not 0.0 < self.spike_ema < 1.0:
             p.append(f"--spike-ema must be in (0, 1), got {self.spike_ema}")
-        if not self.spike_zscore > 0:
-            p.append(f"--spike-zscore must be > 0, got {self.spike_zscore}")
+        for name in ("spike_zscore", "loss_spike_zscore"):
+            if not getattr(self, name) > 0:
+                p.append(f"{flag(name)} must be > 0, got {getattr(self, name)}")
+        if not self.loss_spike_min_rise >= 0:
+            p.append(f"--loss-spike-min-rise must be >= 0, got {self.loss_spike_min_rise}")
+        if not self.max_scale <= 2.0**64:
+            p.append(f"--max-scale must be at most 2**64, got {self.max_scale:g}")
         if not 0 <= self.band_healthy <= self.band_high <= self.band_critical:
             p.append("need 0 <= --band-healthy <= --band-high <= --band-critical")
         if not self.plasticity_max_norm > 0:
             p.append(f"--plasticity-max-norm must be > 0, got {self.plasticity_max_norm}")
-        _raise_if(p, "guard configuration")
+        _raise_if(self, p, "guard configuration")
 
 
 @functools.cache
@@ -260,7 +278,7 @@ class PlasticityConfig(_Config):
             p.append(f"need 0 < --meta-min ({self.meta_min}) <= 1 <= --meta-max ({self.meta_max})")
         if self.meta_rate_tolerance < 0:
             p.append(f"--meta-rate-tolerance must be >= 0, got {self.meta_rate_tolerance}")
-        _raise_if(p, "plasticity configuration")
+        _raise_if(self, p, "plasticity configuration")
 
 
 @dataclass(frozen=True)
@@ -295,7 +313,7 @@ class ContinualConfig(_Config):
             p.append(f"--consolidation-strength must be >= 0, got {self.consolidation_strength}")
         if not 0 < self.replay_fraction < 1:
             p.append(f"--replay-fraction must be in (0, 1), got {self.replay_fraction}")
-        _raise_if(p, "continual-learning configuration")
+        _raise_if(self, p, "continual-learning configuration")
 
 
 @dataclass

@@ -10,7 +10,10 @@ A plan is a comma list of faults (``--inject-fault``):
     param:nan@60                  a weight becomes NaN before step 60 (persists until rollback)
     plasticity:nan@40             the out-of-optimizer (STDP) update of step 40
     overflow@5-20                 an fp16 overflow storm: inf gradients on steps 5..20
-    grad:spike@200                kinds: nan, inf, -inf, and spike (multiply by 1e6)
+    grad:spike@200                kinds: nan, inf, -inf, spike (multiply by 1e6), jump (by 10)
+    loss:jump@80                  a finite loss spike: the loss (and its gradients) x10
+    sigterm@90                    the process is sent SIGTERM before step 90 (a preemption)
+    crash@90                      the process is killed (SIGKILL) before step 90: no clean-up
 
 Steps count optimizer-step attempts from 1 and never go back, so a fault fires once
 even when a rollback replays the steps around it. ``FaultInjector.fired`` records every
@@ -19,15 +22,19 @@ fault that fired, for tests and the drill.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-SITES = ("loss", "grad", "activation", "param", "plasticity", "overflow")
-KINDS = ("nan", "inf", "-inf", "spike")
+SITES = ("loss", "grad", "activation", "param", "plasticity", "overflow", "sigterm", "crash")
+KINDS = ("nan", "inf", "-inf", "spike", "jump")
 SPIKE_FACTOR = 1e6
+JUMP_FACTOR = 10.0
+_PROCESS_SITES = ("overflow", "sigterm", "crash")  # no target; printed without a kind
 _TARGETED = ("grad", "activation", "param")
 _VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
@@ -58,8 +65,8 @@ class Fault:
         where = f"[{self.target}]" if self.target else ""
         steps = f"{self.first}" if self.first == self.last else f"{self.first}-{self.last}"
         micro = f":{self.micro}" if self.micro is not None else ""
-        if self.site == "overflow":
-            return f"overflow@{steps}"
+        if self.site in _PROCESS_SITES:
+            return f"{self.site}@{steps}"
         return f"{self.site}{where}:{self.kind}@{steps}{micro}"
 
 
@@ -78,7 +85,9 @@ def parse_faults(spec: str | None) -> list[Fault]:
         site, kind = m["site"], m["kind"]
         if site not in SITES:
             raise FaultSpecError(f"--inject-fault: unknown site {site!r} in {item!r}; valid: {', '.join(SITES)}")
-        if site == "overflow":
+        if site in _PROCESS_SITES:
+            if kind is not None and site != "overflow":
+                raise FaultSpecError(f"--inject-fault: {site} takes no kind in {item!r}; e.g. {site}@12")
             kind = kind or "inf"
         if kind not in KINDS:
             raise FaultSpecError(f"--inject-fault: unknown kind {kind!r} in {item!r}; valid: {', '.join(KINDS)}")
@@ -99,8 +108,8 @@ def corrupt(t: torch.Tensor, kind: str, whole: bool = False) -> torch.Tensor:
     ``whole`` multiplies everything by the value instead, so the backward pass carries
     the fault too (a NaN loss that only *reads* NaN would back-propagate zeros).
     """
-    if kind == "spike":
-        return t * SPIKE_FACTOR
+    if kind in ("spike", "jump"):
+        return t * (SPIKE_FACTOR if kind == "spike" else JUMP_FACTOR)
     if whole:
         return t * _VALUES[kind]
     out = t.clone()
@@ -110,10 +119,16 @@ def corrupt(t: torch.Tensor, kind: str, whole: bool = False) -> torch.Tensor:
 
 def corrupt_(t: torch.Tensor, kind: str) -> None:
     """Corrupt ``t`` in place (gradients and weights)."""
-    if kind == "spike":
-        t.mul_(SPIKE_FACTOR)
+    if kind in ("spike", "jump"):
+        t.mul_(SPIKE_FACTOR if kind == "spike" else JUMP_FACTOR)
     else:
         t.view(-1)[0] = _VALUES[kind]
+
+
+def kill_self() -> None:
+    """SIGKILL this process: what a crash or an out-of-memory kill does (tests replace it
+    with an exception, to crash a run in-process)."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _under(name: str, prefix: str | None) -> bool:
@@ -167,6 +182,11 @@ class FaultInjector:
     def begin_step(self, attempt: int) -> None:
         """Called before the forward pass of optimizer-step attempt ``attempt``."""
         self.attempt, self.micro = attempt, 0
+        for f in self.faults:
+            if f.site == "sigterm" and self._fire(f):
+                os.kill(os.getpid(), signal.SIGTERM)  # handled at the end of this step
+            if f.site == "crash" and self._fire(f):
+                kill_self()
         for f in self.faults:
             if f.site == "param" and self._fire(f):
                 with torch.no_grad():

@@ -6,6 +6,8 @@ A step is one of
     NONFINITE_LOSS   a micro-batch loss was NaN/inf: the whole accumulation window is void
     OVERFLOW         the loss was finite but the gradient norm is not (fp16 overflow, NaN grads)
     SPIKE            the gradient norm is a z-score outlier and --spike-policy is skip
+    LOSS_SPIKE       the loss is finite but a z-score outlier above its running statistics
+                     and --loss-spike-policy is skip (a bad batch, or the start of a divergence)
 
 and every non-OK step is skipped: the skip flag goes to the fused optimizer as its
 ``found_inf`` (the protocol GradScaler itself uses with fused optimizers), so parameters,
@@ -15,6 +17,12 @@ reads ``good_steps``, which a skipped step does not advance.
 Spikes (ZClip-style): a running mean and variance of the finite gradient norms gives a
 threshold mean + z * std; under ``clip`` a norm above it is clipped to it, under ``skip``
 the step is skipped. Non-finite norms never enter the statistics.
+
+Loss spikes: the same running mean and variance, of the finite losses of good steps; a
+loss above mean + max(z * std, --loss-spike-min-rise * |mean|) is a spike. The relative
+floor keeps a run whose loss has become very steady from skipping every slightly harder
+batch. The statistics restart with each continual-learning task (a new domain starts
+higher).
 
 Counters (skips by reason, grad-norm bands, consecutive skips) and a per-step history of
 the last ``window`` steps live on the device; the trainer reads them every --log-every
@@ -32,8 +40,9 @@ import torch.nn.functional as F
 
 from stability.config import GuardConfig
 
-OK, NONFINITE_LOSS, OVERFLOW, SPIKE, PEER = 0, 1, 2, 3, 4
-REASONS = ("ok", "nonfinite_loss", "overflow", "spike", "peer")  # peer: another rank's step was bad
+OK, NONFINITE_LOSS, OVERFLOW, SPIKE, PEER, LOSS_SPIKE = 0, 1, 2, 3, 4, 5
+# peer: another rank's step was bad
+REASONS = ("ok", "nonfinite_loss", "overflow", "spike", "peer", "loss_spike")
 BANDS = ("low", "healthy", "high", "critical", "exploded")
 # columns of the history buffer
 H_LOSS, H_NORM, H_REASON, H_BAND, H_SCALE, H_LR = range(6)
@@ -82,31 +91,38 @@ class StepGuard:
         self.norm_mean = z(torch.float32)
         self.norm_var = z(torch.float32)
         self.norm_count = z()
+        self.loss_mean = z(torch.float32)
+        self.loss_var = z(torch.float32)
+        self.loss_count = z()
         self.history = torch.full((window, 6), float("nan"), device=dev)
         self._one = torch.ones((), device=dev)
         self._edges = band_edges(cfg, dev)
 
-    def judge(self, loss_ok: torch.Tensor, grad_norm: torch.Tensor) -> Verdict:
-        """Classify a step from the AND of its micro-batch finite flags and its total
-        (pre-clip) gradient norm."""
+    def judge(self, loss_ok: torch.Tensor, grad_norm: torch.Tensor, loss: torch.Tensor | None = None) -> Verdict:
+        """Classify a step from the AND of its micro-batch finite flags, its total
+        (pre-clip) gradient norm and its mean loss."""
         c = self.cfg
         norm = grad_norm.float()
         grads_ok = torch.isfinite(norm)
+        loss_spike = self._loss_spike(loss_ok, loss)
         any_bad = None
         if dist.is_available() and dist.is_initialized():
             # every rank takes the same decision: skip if any rank's loss or gradients are
             # bad (one collective, no host sync), and feed the scale policy the same flags
-            flags = torch.stack([~loss_ok, ~grads_ok]).float()
+            flags = torch.stack([~loss_ok, ~grads_ok, loss_spike]).float()
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             any_bad = flags.amax() > 0
-            local_bad = ~loss_ok | ~grads_ok
+            local_bad = ~loss_ok | ~grads_ok | loss_spike
             loss_ok, grads_ok = flags[0] == 0, grads_ok & (flags[1] == 0)
+            loss_spike = loss_spike | (flags[2] > 0)
         threshold = self.norm_mean + c.spike_zscore * self.norm_var.clamp(min=0).sqrt()
         armed = self.norm_count >= c.spike_warmup
         spike = grads_ok & armed & (norm > threshold) & (c.spike_policy != "off")
         skip_spike = spike & (c.spike_policy == "skip")
-        reason = torch.where(~loss_ok, NONFINITE_LOSS,
-                             torch.where(~grads_ok, OVERFLOW, torch.where(skip_spike, SPIKE, OK)))
+        reason = torch.where(skip_spike, SPIKE, OK)
+        reason = torch.where(loss_spike, LOSS_SPIKE, reason)
+        reason = torch.where(~grads_ok, OVERFLOW, reason)
+        reason = torch.where(~loss_ok, NONFINITE_LOSS, reason)
         if any_bad is not None:
             reason = torch.where(any_bad & ~local_bad, PEER, reason)
         skip = (reason != OK).float()
@@ -117,19 +133,46 @@ class StepGuard:
         band = band_of(norm, self._edges)
         # a clipped spike enters the statistics at its clipped value; a skipped step, like a
         # non-finite one, never happened and stays out
-        self._update_norm_stats(norm, grads_ok & ~skip_spike, torch.where(spike, threshold, norm))
+        good = reason == OK
+        self._update_norm_stats(norm, good, torch.where(spike, threshold, norm))
+        if loss is not None:
+            self._update_loss_stats(loss.float(), good)
         return Verdict(skip=skip, reason=reason, band=band, max_norm=max_norm,
                        overflow=loss_ok & ~grads_ok, loss_ok=loss_ok)
 
-    def _update_norm_stats(self, norm: torch.Tensor, finite: torch.Tensor, value: torch.Tensor) -> None:
-        # a plain running mean while warming up, an EMA after; non-finite norms excluded
-        alpha = torch.maximum(1.0 / (self.norm_count + 1).float(), self._one * (1 - self.cfg.spike_ema))
-        alpha = torch.where(finite, alpha, 0.0)
-        value = torch.where(finite, value, 0.0)
-        delta = value - self.norm_mean
-        self.norm_mean = self.norm_mean + alpha * delta
-        self.norm_var = (1 - alpha) * (self.norm_var + alpha * delta * delta)
-        self.norm_count = self.norm_count + finite.long()
+    def _loss_spike(self, loss_ok: torch.Tensor, loss: torch.Tensor | None) -> torch.Tensor:
+        """Whether a finite loss is far above the running statistics of good steps' losses."""
+        c = self.cfg
+        if loss is None or c.loss_spike_policy == "off":
+            return torch.zeros_like(loss_ok)
+        value = loss.float()
+        rise = torch.maximum(c.loss_spike_zscore * self.loss_var.clamp(min=0).sqrt(),
+                             c.loss_spike_min_rise * self.loss_mean.abs())
+        armed = self.loss_count >= c.loss_spike_warmup
+        return loss_ok & torch.isfinite(value) & armed & (value > self.loss_mean + rise)
+
+    def _ema(self, mean, var, count, value, include, decay):
+        """One step of a running mean and variance: a plain mean while warming up, an EMA
+        after; values not ``include``d (non-finite, skipped) leave them untouched."""
+        alpha = torch.maximum(1.0 / (count + 1).float(), self._one * (1 - decay))
+        alpha = torch.where(include, alpha, 0.0)
+        value = torch.where(include, value, 0.0)
+        delta = value - mean
+        return mean + alpha * delta, (1 - alpha) * (var + alpha * delta * delta), count + include.long()
+
+    def _update_norm_stats(self, norm: torch.Tensor, include: torch.Tensor, value: torch.Tensor) -> None:
+        self.norm_mean, self.norm_var, self.norm_count = self._ema(
+            self.norm_mean, self.norm_var, self.norm_count, value, include & torch.isfinite(norm), self.cfg.spike_ema)
+
+    def _update_loss_stats(self, loss: torch.Tensor, include: torch.Tensor) -> None:
+        self.loss_mean, self.loss_var, self.loss_count = self._ema(
+            self.loss_mean, self.loss_var, self.loss_count, loss, include & torch.isfinite(loss), self.cfg.spike_ema)
+
+    def reset_loss_stats(self) -> None:
+        """A new continual-learning task: its domain starts at another loss level."""
+        self.loss_mean = torch.zeros_like(self.loss_mean)
+        self.loss_var = torch.zeros_like(self.loss_var)
+        self.loss_count = torch.zeros_like(self.loss_count)
 
     def commit(self, step: int, verdict: Verdict, loss: torch.Tensor, grad_norm: torch.Tensor,
                scale: torch.Tensor, lr: torch.Tensor, counts_toward_rollback: torch.Tensor) -> None:
@@ -176,7 +219,7 @@ class StepGuard:
         }
 
     _STATE = ("good_steps", "consecutive_skips", "skips", "bands", "spikes_clipped",
-              "norm_mean", "norm_var", "norm_count", "history")
+              "norm_mean", "norm_var", "norm_count", "loss_mean", "loss_var", "loss_count", "history")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).clone() for name in self._STATE}

@@ -178,7 +178,7 @@ class Trainer:
         if not self.guard_cfg.guard:
             return self._unguarded_step(grads, grad_norm, mean_loss, tokens, out, lr)
         # 4. judge, clip, guarded step
-        verdict = self.guard.judge(loss_ok, grad_norm)
+        verdict = self.guard.judge(loss_ok, grad_norm, mean_loss)
         if self.cfg.gradient_clip > 0 or self.guard_cfg.spike_policy == "clip":
             clip_(grads, verdict.max_norm, grad_norm)
         self.optimizer.found_inf = verdict.skip  # the fused kernel leaves everything untouched

@@ -88,7 +88,7 @@ def test_counters_and_consecutive_skips():
     for s, norm in enumerate([1.0, math.inf, math.nan, math.inf, 1.0, math.inf]):
         judge_and_commit(g, s, norm)
     c = g.read()
-    assert c["skips"] == {"ok": 2, "nonfinite_loss": 0, "overflow": 4, "spike": 0, "peer": 0}
+    assert c["skips"] == {"ok": 2, "nonfinite_loss": 0, "overflow": 4, "spike": 0, "peer": 0, "loss_spike": 0}
     assert c["good_steps"] == 2
     assert c["consecutive_skips"] == 1
     assert c["bands"]["exploded"] == 4 and c["bands"]["healthy"] == 2
@@ -105,3 +105,47 @@ def test_state_dict_round_trip():
         va, vb = judge_and_commit(a, s, norm), judge_and_commit(b, s, norm)
         assert torch.equal(va.max_norm, vb.max_norm) and torch.equal(va.reason, vb.reason)
     assert a.read()["skips"] == b.read()["skips"]
+
+
+def _warm_loss(g: StepGuard, steps: int, loss: float = 3.0) -> None:
+    for s in range(steps):
+        v = g.judge(T, torch.tensor(1.0), torch.tensor(loss + 0.05 * (s % 3)))
+        g.commit(s, v, torch.tensor(loss), torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1e-3), T)
+
+
+def test_a_finite_loss_far_above_its_running_statistics_is_a_loss_spike_and_skipped():
+    g = guard(loss_spike_warmup=10, loss_spike_zscore=6.0)
+    _warm_loss(g, 20)
+    mean_before = float(g.loss_mean)
+    v = g.judge(T, torch.tensor(1.0), torch.tensor(30.0))
+    assert REASONS[int(v.reason)] == "loss_spike" and float(v.skip) == 1.0
+    assert float(g.loss_mean) == mean_before, "a skipped loss stays out of the statistics"
+    assert int(g.judge(T, torch.tensor(1.0), torch.tensor(3.1)).reason) == OK
+
+
+@pytest.mark.parametrize("kw,loss", [
+    (dict(loss_spike_policy="off"), 30.0),  # off: never
+    (dict(loss_spike_warmup=50), 30.0),  # not armed yet
+    (dict(loss_spike_min_rise=0.5), 4.0),  # 33% above the mean: under the relative floor
+])
+def test_loss_spike_needs_the_policy_the_warmup_and_the_relative_floor(kw, loss):
+    g = guard(**{"loss_spike_warmup": 10, **kw})
+    _warm_loss(g, 20)
+    assert int(g.judge(T, torch.tensor(1.0), torch.tensor(loss)).reason) == OK
+
+
+def test_nonfinite_losses_never_enter_the_loss_statistics_and_outrank_a_loss_spike():
+    g = guard(loss_spike_warmup=10)
+    _warm_loss(g, 20)
+    count = int(g.loss_count)
+    for bad in (math.nan, math.inf):
+        v = g.judge(F, torch.tensor(1.0), torch.tensor(bad))
+        assert int(v.reason) == NONFINITE_LOSS
+    assert int(g.loss_count) == count and math.isfinite(float(g.loss_mean))
+
+
+def test_resetting_the_loss_statistics_disarms_the_detector_until_the_warmup_again():
+    g = guard(loss_spike_warmup=10)
+    _warm_loss(g, 20)
+    g.reset_loss_stats()
+    assert int(g.judge(T, torch.tensor(1.0), torch.tensor(30.0)).reason) == OK
