@@ -94,9 +94,10 @@ class EWC:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.C.device
-        move = lambda ts: None if ts is None else [t.to(device) for t in ts]  # noqa: E731
+        # copies: consolidation adds into A and B in place, and a snapshot must not change
+        move = lambda ts: None if ts is None else [t.to(device, copy=True) for t in ts]  # noqa: E731
         self.A, self.B = move(state["A"]), move(state["B"])
-        self.C, self.tasks = state["C"].to(device), state["tasks"]
+        self.C, self.tasks = state["C"].to(device, copy=True), state["tasks"]
 
 
 class ReplayBuffer:

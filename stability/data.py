@@ -548,6 +548,13 @@ class TokenBatches:
             self._order_cache = (epoch, torch.randperm(self.num_windows, generator=g))
         return self._order_cache[1]
 
+    def window_ids(self, epoch: int, index: int) -> list[int]:
+        """The windows batch ``index`` of ``epoch`` is made of; window w holds tokens
+        ``w * l`` to ``w * l + l`` of the stream."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} out of range: an epoch has {len(self)} batches")
+        return self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+
     def get(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``index`` of ``epoch``: (inputs (b, l), targets (b, l)), both int64."""
         if not 0 <= index < len(self):

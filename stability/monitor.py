@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,8 +62,10 @@ class Monitor:
                  "band": BANDS[int(band)], "scale": scale, "lr": lr}
                 for s, (loss, norm, reason, band, scale, lr) in zip(range(first, step + 1), ordered)]
 
-    def tally(self, rows: list[dict[str, Any]], epoch: int) -> None:
-        """Warn about and record every skipped step and loud gradient norm; add to totals."""
+    def tally(self, rows: list[dict[str, Any]], epoch: int,
+              describe: Callable[[int], list[dict[str, Any]]] = lambda step: []) -> None:
+        """Warn about and record every skipped step (with ``describe(step)``, the batches it
+        read) and loud gradient norm; add to totals."""
         totals, loud = self.totals, []
         for r in rows:
             totals.steps += 1
@@ -72,7 +75,7 @@ class Monitor:
                 self.report.warn(f"step {r['step']} skipped ({r['reason']}): loss={r['loss']:.4g} "
                                  f"grad_norm={r['grad_norm']:.4g} scale={r['scale']:g}")
                 self.report.record("skip", step=r["step"], epoch=epoch, reason=r["reason"], loss=r["loss"],
-                                   grad_norm=r["grad_norm"], loss_scale=r["scale"])
+                                   grad_norm=r["grad_norm"], loss_scale=r["scale"], batches=describe(r["step"]))
                 continue
             if math.isfinite(r["loss"]):
                 totals.loss_sum += r["loss"]

@@ -2,16 +2,20 @@
 
 Skipping a step protects the weights from one bad batch. When the weights themselves
 have gone bad (or every batch keeps failing), K consecutive skips trigger a rollback
-(PaLM's remedy for loss spikes): restore the last good in-memory snapshot, skip the
-batches that failed, lower the learning rate. After R rollbacks the run stops with a
-diagnosis naming the step, the reason and the first modules and parameters that went
-non-finite.
+(PaLM's remedy for loss spikes): restore the last good state, quarantine the batches
+that failed, lower the learning rate. After R rollbacks the run stops with a diagnosis
+naming the step, the reason and the first modules and parameters that went non-finite.
+
+The last good state is the newest of the in-memory snapshot and the checkpoints kept on
+disk at healthy moments, so a rollback after a restart goes back to the same state as it
+would have without the restart. What recovery has learnt (rollbacks so far, hence the
+learning-rate factor, and when the next snapshot is due) is saved in every checkpoint and
+is not undone by a rollback.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,10 +26,10 @@ from stability.config import GuardConfig
 
 @dataclass
 class Snapshot:
-    state: dict[str, Any]  # Trainer.state_dict(), deep-copied
-    position: Any  # where the data stream stood
-    extra: dict[str, Any]  # plasticity / continual-learning state
+    state: dict[str, Any]  # the run's checkpoint state at a healthy moment, deep-copied
+    step: int
     good_steps: int
+    persisted: bool = False  # also on disk as a kept checkpoint
 
 
 @dataclass
@@ -33,13 +37,15 @@ class Recovery:
     cfg: GuardConfig
     snapshot: Snapshot | None = None
     rollbacks: int = 0
-    failed_batches: set = field(default_factory=set)
+    snapshot_good_steps: int | None = None  # of the last snapshot: survives a restart
 
     def due(self, good_steps: int) -> bool:
-        return self.snapshot is None or good_steps - self.snapshot.good_steps >= self.cfg.snapshot_every
+        return self.snapshot_good_steps is None or good_steps - self.snapshot_good_steps >= self.cfg.snapshot_every
 
-    def take(self, trainer_state: dict[str, Any], position: Any, extra: dict[str, Any], good_steps: int) -> None:
-        self.snapshot = Snapshot(copy.deepcopy(trainer_state), position, copy.deepcopy(extra), good_steps)
+    def take(self, state: dict[str, Any], step: int, good_steps: int) -> None:
+        """Keep ``state`` (already a copy: the caller builds it fresh) as the snapshot."""
+        self.snapshot = Snapshot(state, step, good_steps)
+        self.snapshot_good_steps = good_steps
 
     def needs_rollback(self, consecutive_skips: int) -> bool:
         return consecutive_skips >= self.cfg.rollback_after
@@ -47,13 +53,17 @@ class Recovery:
     def exhausted(self) -> bool:
         return self.rollbacks >= self.cfg.max_rollbacks
 
-    def rollback(self, failed: list[Any]) -> Snapshot:
-        """Count a rollback, remember the failed batches, return the snapshot to restore."""
-        if self.snapshot is None:
-            raise RuntimeError("rollback requested before any snapshot was taken")
-        self.rollbacks += 1
-        self.failed_batches.update(failed)
-        return self.snapshot
+    @property
+    def lr_factor(self) -> float:
+        """Each rollback multiplies the learning rate by --rollback-lr-factor, for good."""
+        return self.cfg.rollback_lr_factor**self.rollbacks
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rollbacks": self.rollbacks, "snapshot_good_steps": self.snapshot_good_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rollbacks = int(state["rollbacks"])
+        self.snapshot_good_steps = state["snapshot_good_steps"]
 
 
 @dataclass

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from stability.atomic import atomic_write
+
 
 def _clean(value: Any) -> Any:
     """JSON has no NaN/inf: write them as strings so the file stays parseable."""
@@ -34,11 +36,20 @@ def _summary_key(rec: dict[str, Any]) -> tuple:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Every record of a metrics.jsonl file, in order."""
+    """Every record of a metrics.jsonl file, in order; a last line cut short by a crash
+    mid-write is left out."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return records
 
 
 class Reporter:
@@ -49,7 +60,7 @@ class Reporter:
         self.bar = progress == "bar" or (progress == "auto" and isatty)
         self._bar_shown = False
         self._last_bar = 0.0
-        self._summaries: set[tuple[int, int]] = set()
+        self._summaries: set[tuple] = set()
 
     # -- console -------------------------------------------------------------------
     def line(self, text: str) -> None:
@@ -91,28 +102,39 @@ class Reporter:
         self.record("step", step=step, epoch=epoch, loss=loss, grad_norm=grad_norm, lr=lr, loss_scale=scale,
                     tokens_per_s=tokens_per_s, band=band, skipped=skipped, skip_reason=skip_reason, **extra)
 
-    def epoch_summary(self, task: int, epoch: int, text: str, **fields: Any) -> bool:
-        """Print and record an epoch summary unless it was already reported: a complete
-        epoch once per (task, epoch), a --max-steps stop once per (task, epoch, step)."""
-        key = _summary_key({"task": task, "epoch": epoch, **fields})
+    def once(self, key: tuple) -> bool:
+        """True the first time ``key`` is asked for: a summary is printed once, however
+        often a run (or a resumed run) reaches it."""
         if key in self._summaries:
             return False
         self._summaries.add(key)
+        return True
+
+    def epoch_summary(self, task: int, epoch: int, text: str, **fields: Any) -> bool:
+        """Print and record an epoch summary unless it was already reported: a complete
+        epoch once per (task, epoch), a --max-steps stop once per (task, epoch, step)."""
+        if not self.once(_summary_key({"task": task, "epoch": epoch, **fields})):
+            return False
         self.line(text)
         self.record("epoch", task=task, epoch=epoch, **fields)
         return True
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop records the interrupted run wrote after its checkpoint."""
+    def offset(self) -> int:
+        """How much of metrics.jsonl is written: a checkpoint stores it, a resume cuts back to it."""
+        if self.metrics_path is None or not self.metrics_path.exists():
+            return 0
+        return self.metrics_path.stat().st_size
+
+    def truncate_to(self, offset: int) -> None:
+        """On resume: drop what the interrupted run wrote after its checkpoint (a rollback
+        writes records of earlier steps again, so cutting by step number would not do)."""
         if self.metrics_path is None or not self.metrics_path.exists():
             return
-        kept = []
-        for raw in self.metrics_path.read_text().splitlines():
-            rec = json.loads(raw)
-            if rec.get("step", 0) <= step:
-                kept.append(raw)
-                if rec.get("kind") == "epoch":
-                    self._summaries.add(_summary_key(rec))
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        tmp.replace(self.metrics_path)
+        data = self.metrics_path.read_bytes()
+        if len(data) > offset:
+            atomic_write(self.metrics_path, data[:offset])
+        for rec in read_records(self.metrics_path):
+            if rec.get("kind") == "epoch":
+                self._summaries.add(_summary_key(rec))
+            elif rec.get("kind") == "task":
+                self._summaries.add(("task", rec["task"]))

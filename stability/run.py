@@ -1,55 +1,71 @@
-"""A whole training run: data, tasks and epochs, sync points, rollback, checkpoints.
+"""A whole training run: tasks and epochs, sync points, rollback, checkpoints, resume.
 
-The hot loop calls ``Trainer.train_step`` and nothing else that syncs. Every
---log-every steps (and at each epoch end) a *sync point* reads the guard's counters in
-one transfer and acts on them: a step line, a warning per skipped step, a rollback after
-K consecutive skips, a stop with a diagnosis after R rollbacks.
+Every optimizer step of the loop reads top to bottom:
+
+    window = stream.next_window()      the micro-batches of the step (the stream owns the position)
+    trainer.train_step(batches)        no host sync
+    stream.advance(window)             the position moves past them
+    sync point, when one is due        one host read of the guard's counters; may roll back
+    checkpoint, when one is due        it always records "the next batch to read"
+    epoch and task ends                reported by the window, so a rollback voids them
+
+A *sync point* (every --log-every steps, at every checkpoint and every epoch end) reads the
+guard's device counters in one transfer and acts on them: a step line, a warning per
+skipped step, a rollback after K consecutive skips, a stop with a diagnosis after R.
+
+A rollback restores the newest good state, in memory or kept on disk (checkpoints/step-N.pt)
+and quarantines the failed batches. Everything a run knows is in its checkpoint, recovery
+included, so a run killed at any moment and resumed with --resume continues exactly as if
+it had never stopped.
 
 With --continual-learning the corpus is split into tasks, trained in order, each with its
 own warm-up and cosine schedule (and its own --max-steps budget). After each task come EWC
 consolidation, replay scoring and the task matrix.
 
 Exit codes: 0 done, 2 bad input (nothing written), 3 instability that could not be
-recovered (diagnosis printed, last good state saved), 130 interrupted (state saved).
+recovered (diagnosis printed, last good state saved), 130 interrupted by SIGINT (Ctrl-C)
+and 143 by SIGTERM (preemption): the state is saved, --resume continues it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
 from model import HybridLM, ModelConfig
+from stability.atomic import atomic_write, remove_stale_temporaries
 from stability.checkpoint import (
+    CheckpointDir,
     CorruptStateError,
-    atomic_write_bytes,
-    copy_checkpoint,
+    UnreadableCheckpoint,
     load_checkpoint,
     rng_state,
-    save_checkpoint,
     set_rng_state,
 )
-from stability.config import RunSpec, TrainConfig
+from stability.config import RunSpec
 from stability.continual import EWC, ReplayBuffer, format_matrix, per_sequence_loss, transfer
-from stability.data import Corpus, TokenBatches, load_corpus, unigram_loss
 from stability.faults import FaultInjector, parse_faults
-from stability.guard import REASONS
+from stability.guard import OVERFLOW, REASONS
 from stability.monitor import Monitor, Totals
 from stability.recovery import Recovery, diagnose
 from stability.reporting import Reporter
 from stability.scaler import LossScaleError
-from stability.tokenizers import Tokenizer, default_cache_dir, encode_documents, load_tokenizer, save_tokenizer
+from stability.stream import DataStream, Position, TaskData, Window, prepare_data
+from stability.tokenizers import save_tokenizer
 from stability.trainer import Trainer, lm_loss, resolve_amp_dtype, resolve_device
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_UNRECOVERABLE, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_BAD_INPUT, EXIT_UNRECOVERABLE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 2, 3, 130, 143
+_EXIT_ON = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
 _PRECISION = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + loss scaling"}
 
 
@@ -61,62 +77,6 @@ class Unrecoverable(RuntimeError):
     def __init__(self, message: str, report: dict[str, Any]):
         super().__init__(message)
         self.report = report
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where the data stream stands: the next micro-batch to read."""
-
-    task: int = 0
-    epoch: int = 0
-    index: int = 0
-
-
-@dataclass
-class TaskData:
-    name: str
-    train: TokenBatches
-    val: TokenBatches
-    unigram: float  # loss of predicting the validation split's own token frequencies
-    unigram_acc: float  # accuracy of always predicting its most frequent token
-
-
-# --- set-up, all of it before anything is written ----------------------------------------
-
-
-def _mode_accuracy(tokens: torch.Tensor) -> float:
-    """Next-token accuracy of always guessing the most frequent token."""
-    targets = tokens[1:].long()
-    return float(torch.bincount(targets).max()) / max(targets.numel(), 1)
-
-
-def _encode_cached(tokenizer: Tokenizer, corpus: Corpus, split: str, cache_dir: Path) -> torch.Tensor:
-    docs = corpus.train if split == "train" else corpus.val
-    key = f"{tokenizer.name}-{tokenizer.vocab_size}-{corpus.fingerprint()[:32]}-{split}"
-    path = cache_dir / "tokens" / f"{key}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    tokens = encode_documents(tokenizer, docs)
-    dtype = torch.int32 if tokenizer.vocab_size < 2**31 else torch.int64
-    atomic_write_bytes(path, lambda f: torch.save(tokens.to(dtype), f))
-    return tokens
-
-
-def prepare_data(spec: RunSpec) -> tuple[Tokenizer, Corpus, list[TaskData]]:
-    t = spec.train
-    corpus = load_corpus(t.data, t.dataset, t.val_fraction)
-    cache_dir = default_cache_dir()
-    tokenizer = load_tokenizer(t.tokenizer, corpus, t.vocab_size, cache_dir)
-    parts = corpus.partition(spec.num_tasks) if spec.num_tasks > 1 else [corpus]
-    tasks = []
-    for i, part in enumerate(parts):
-        train_tokens = _encode_cached(tokenizer, part, "train", cache_dir)
-        val_tokens = _encode_cached(tokenizer, part, "val", cache_dir)
-        train = TokenBatches(train_tokens, t.batch_size, t.sequence_length, seed=t.seed + i)
-        val = TokenBatches(val_tokens, t.batch_size, t.sequence_length, shuffle=False, pad_id=tokenizer.pad_id)
-        tasks.append(TaskData(part.name, train, val, unigram_loss(val_tokens, tokenizer.vocab_size),
-                              _mode_accuracy(val_tokens)))
-    return tokenizer, corpus, tasks
 
 
 _RESUME_MUST_MATCH = ("batch_size", "sequence_length", "gradient_accumulation_steps", "tokenizer",
@@ -144,7 +104,7 @@ def check_resume(ckpt: dict[str, Any], spec: RunSpec, fingerprint: str) -> None:
                        + "\n  - ".join(problems) + "\nresume with the flags the run started with")
 
 
-def _output_dir(train: TrainConfig) -> Path:
+def _output_dir(train) -> Path:
     if train.output_dir:
         return Path(train.output_dir)
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -161,9 +121,15 @@ def _denormals_flushed() -> bool:
 class Run:
     def __init__(self, spec: RunSpec, stream: TextIO | None = None):
         self.spec = spec
-        self.stream = stream or sys.stdout
-        self.stop_requested = False
+        self.stream_out = stream or sys.stdout
+        self.stop_signal: int | None = None
+        self._saving = False
         self._done = False
+        self._healthy = True  # the last sync point saw no skipped step
+        self._last_save_ok = True
+        self._steps: dict[int, list] = {}  # step -> [positions read, reason once synced]
+        self._last_pos = Position()  # the last micro-batch trained
+        self._plasticity_seen: dict[str, list] | None = None
 
     # set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -172,38 +138,54 @@ class Run:
         self.amp_dtype = resolve_amp_dtype(t, self.device)
         self.faults = parse_faults(spec.guard.inject_fault)
         self.out = _output_dir(t)
-        last = self.out / "checkpoints" / "last.pt"
-        if t.resume and not last.exists():
-            raise BadInput(f"--resume: no checkpoint at {last}; start without --resume or fix --output-dir")
-        if not t.resume and last.exists():
-            raise BadInput(f"--output-dir {self.out} already holds a run ({last}); pass --resume to "
-                           "continue it or choose another --output-dir")
-        self.tokenizer, corpus, self.tasks = prepare_data(spec)
+        self.checkpoints = CheckpointDir(self.out / "checkpoints", t.keep_checkpoints)
+        if t.resume and not self.checkpoints.last.exists():
+            raise BadInput(f"--resume: no checkpoint at {self.checkpoints.last}; start without --resume or fix "
+                           "--output-dir")
+        if not t.resume and self.checkpoints.last.exists():
+            raise BadInput(f"--output-dir {self.out} already holds a run ({self.checkpoints.last}); pass --resume "
+                           "to continue it or choose another --output-dir")
+        self.tokenizer, corpus, tasks = prepare_data(spec)
         self.fingerprint = corpus.fingerprint()
         self.spec = spec = replace(spec, model=replace(spec.model, vocab_size=self.tokenizer.vocab_size))
-        ckpt = load_checkpoint(last) if t.resume else None
+        ckpt = self._load_resume_checkpoint() if t.resume else None
         if ckpt is not None:
             check_resume(ckpt, spec, self.fingerprint)
         torch.manual_seed(t.seed)
         self.model = HybridLM(spec.model).to(self.device)
         self.injector = FaultInjector(self.faults, self.model) if self.faults else None
-        self.trainer = Trainer(self.model, t, spec.guard, self.device, self._horizon(0), self.amp_dtype,
-                               self.injector, spec.plasticity)
+        self.trainer = Trainer(self.model, t, spec.guard, self.device, 1, self.amp_dtype, self.injector,
+                               spec.plasticity)
         c = spec.continual
         self.ewc = EWC(self.model, c.consolidation_strength) if c.continual_learning else None
-        self.replay = ReplayBuffer(c.replay_buffer_size, c.replay_strategy, t.seed) if c.use_replay else None
+        replay = ReplayBuffer(c.replay_buffer_size, c.replay_strategy, t.seed) if c.use_replay else None
+        self.stream = DataStream(tasks, t.epochs, t.gradient_accumulation_steps, replay, c.replay_fraction)
+        self.trainer.total_steps = self._horizon(0)
         self.recovery = Recovery(spec.guard)
-        self.position = Position()
         self.best_val = math.inf
         self.matrix: list[list[float]] = []
         self.task_start_step = 0
-        self.report = Reporter(self.out, self.stream, t.progress)
+        self.report = Reporter(self.out, self.stream_out, t.progress)
         self.monitor = Monitor(self.report, spec.guard, t.gradient_clip, t.log_every, 0)
+        self.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out, self.checkpoints.root)  # a writer killed mid-write left them
         if ckpt is not None:
             self._restore(ckpt)
-        self.out.mkdir(parents=True, exist_ok=True)
+            if ckpt.get("kept") and not self.checkpoints.kept_path(self.trainer.step).exists():
+                self.checkpoints.relink()  # the run died between writing last.pt and linking it
+            self._write_quarantine()
         self._write_config()
         save_tokenizer(self.tokenizer, self.out)  # lsnn sample / eval / export read it
+
+    @property
+    def tasks(self) -> list[TaskData]:
+        return self.stream.tasks
+
+    def _load_resume_checkpoint(self) -> dict[str, Any]:
+        try:
+            return load_checkpoint(self.checkpoints.last)
+        except UnreadableCheckpoint as e:
+            raise BadInput(f"--resume: {e}") from e
 
     def _horizon(self, task: int) -> int:
         """The schedule's length for ``task``: its epochs, capped by --max-steps (which
@@ -213,24 +195,6 @@ class Run:
         batches = len(self.tasks[task].train) if per_task else sum(len(x.train) for x in self.tasks)
         horizon = max(batches // t.gradient_accumulation_steps * t.epochs, 1)
         return min(horizon, t.max_steps) if t.max_steps else horizon
-
-    def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.trainer.load_state_dict(ckpt["trainer"])
-        self.position = Position(**ckpt["position"])
-        self.best_val = ckpt["best_val"]
-        set_rng_state(ckpt["rng"])
-        cont = ckpt["continual"]
-        self.matrix, self.task_start_step = cont["matrix"], cont["task_start_step"]
-        if self.ewc is not None:
-            self.ewc.load_state_dict(cont["ewc"])
-            if self.ewc.active:
-                self.trainer.loss_hook = self.ewc.penalty
-        if self.replay is not None:
-            self.replay.load_state_dict(cont["replay"])
-        window = ckpt["window"]
-        self.monitor.last_sync_step = window["last_sync_step"]
-        self.monitor.totals = Totals.from_state(window["totals"])
-        self.report.truncate_after(window["last_sync_step"])
 
     def _write_config(self) -> None:
         config = {
@@ -242,8 +206,7 @@ class Run:
             "precision": _PRECISION[self.amp_dtype],
             "torch": torch.__version__,
         }
-        text = json.dumps(config, indent=2, default=str)
-        atomic_write_bytes(self.out / "config.json", lambda f: f.write(text.encode()))
+        atomic_write(self.out / "config.json", json.dumps(config, indent=2, default=str))
 
     def _configs(self) -> dict[str, Any]:
         s = self.spec
@@ -253,160 +216,146 @@ class Run:
     # the loop ---------------------------------------------------------------------------
     def fit(self) -> int:
         self._announce()
-        self._step_batches: dict[int, list[Position]] = {}
-        self._plasticity_seen: dict[str, list] | None = None
-        self._snapshot()
-        # Ctrl-C finishes the step and saves; only the main thread may install a handler
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if main else None
+        if not self.spec.train.resume:
+            self._snapshot()  # step 0; a resumed run restores the snapshot schedule instead
+        main = threading.current_thread() is threading.main_thread()  # only it may install handlers
+        previous = {s: signal.signal(s, self._on_signal) for s in _EXIT_ON} if main else {}
         flushed = _denormals_flushed()
         if self.device.type == "cpu":
             # Subnormal floats run ~10x slower on x86; a Transformer LM at lr 1e-4 measured
             # 208 ms a step against 17 ms with them flushed. Values below 1.2e-38 lose nothing.
             torch.set_flush_denormal(True)
         try:
-            while not self._finished():
-                if self._advance():
-                    return self._interrupted()
+            code = self._loop()
         except Unrecoverable as e:
             return self._unrecoverable(e)
+        except KeyboardInterrupt:  # a second Ctrl-C during a step: stop now, keep the last checkpoint
+            self.report.line(f"interrupted twice at step {self.trainer.step}: stopped without saving; "
+                             f"{self.checkpoints.last} is intact")
+            return EXIT_INTERRUPTED
         finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
             torch.set_flush_denormal(flushed)  # process-wide state: leave it as it was
-        self._save("last.pt")
-        self.report.line(f"done: {self.trainer.step} steps; checkpoints in {self.out / 'checkpoints'}")
+        if code is not None:
+            return code
+        self.report.line(f"done: {self.trainer.step} steps; checkpoints in {self.checkpoints.root}")
         return EXIT_OK
 
-    def _advance(self) -> bool:
-        """One optimizer step and whatever ends with it; True if interrupted."""
-        window, next_pos = self._next_window(self.position)
-        if window:
-            self._step(window)
-        rolled_over = next_pos.epoch != self.position.epoch or next_pos.task != self.position.task
-        finished_task = self.position.task
-        self.position = next_pos
-        if rolled_over:
-            self._sync()
-            self._end_epoch(epoch_done=True)
-            if next_pos.task != finished_task:
-                self._end_task(finished_task)
-                if not self._finished():
-                    self._start_task()
-        if self.stop_requested:
-            return True
-        if self._budget_spent():
-            self._sync()
-            if self.monitor.totals.steps:  # unless the epoch that just ended was reported
-                self._end_epoch(epoch_done=False)
-            if self.spec.continual.continual_learning:
-                self._end_task(self.position.task)
-            if self.spec.continual.continual_learning and self.position.task + 1 < len(self.tasks):
-                self.position = Position(self.position.task + 1, 0, 0)
-                self._start_task()
-            else:
-                self._done = True  # the position stays true, so --resume with more steps continues
-        return False
+    def _loop(self) -> int | None:
+        """Train until the data or the budget ends; an exit code if a signal stopped it."""
+        t = self.spec.train
+        while not (self._done or self.stream.finished):
+            window = self.stream.next_window()
+            stepped = bool(window.positions)  # every batch left may be quarantined
+            if stepped:
+                self._train(window)
+            self.stream.advance(window)
+            step = self.trainer.step
+            boundary = window.epoch_end is not None
+            budget = self._budget_spent()
+            periodic = stepped and t.checkpoint_every > 0 and step % t.checkpoint_every == 0
+            if (stepped and step % t.log_every == 0) or boundary or budget or periodic:
+                if self._sync():  # rolled back: the window's epoch and task ends never happened
+                    if self.stop_signal is not None:
+                        return self._interrupted()
+                    continue
+            if boundary or budget:
+                self._boundary(window, budget)
+            elif periodic:
+                self._save(keep=self._healthy)
+            if self.stop_signal is not None:
+                return self._interrupted()
+        return None
+
+    def _train(self, window: Window) -> None:
+        batches = [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                   for x, y in self.stream.batches(window)]
+        out = self.trainer.train_step(batches)
+        self._steps[self.trainer.step] = [list(window.positions), None]
+        horizon = self.spec.guard.rollback_after + 2 * self.spec.train.log_every  # what a rollback looks back on
+        for old in [s for s in self._steps if s <= self.trainer.step - horizon]:
+            del self._steps[old]
+        self._last_pos = window.positions[-1]
+        self.monitor.tokens += out.tokens
+        self.report.progress(self.trainer.step, self.trainer.total_steps,
+                             f"task {self._last_pos.task + 1} epoch {self._last_pos.epoch + 1}")
 
     def _budget_spent(self) -> bool:
         t = self.spec.train
-        if not t.max_steps or self._finished():
+        if not t.max_steps or self.stream.finished:
             return False
         used = self.trainer.step - (self.task_start_step if self.spec.continual.continual_learning else 0)
         return used >= t.max_steps
 
-    def _finished(self) -> bool:
-        return self._done or self.position.task >= len(self.tasks)
-
-    def _next_window(self, pos: Position) -> tuple[list[Position], Position]:
-        """The micro-batches of the next optimizer step, minus batches that failed before
-        a rollback, and the position after them."""
-        task = self.tasks[pos.task]
-        window, index = [], pos.index
-        n = len(task.train)
-        while len(window) < self.spec.train.gradient_accumulation_steps and index < n:
-            here = Position(pos.task, pos.epoch, index)
-            if here not in self.recovery.failed_batches:
-                window.append(here)
-            index += 1
-        if index < n:
-            return window, Position(pos.task, pos.epoch, index)
-        if pos.epoch + 1 < self.spec.train.epochs:
-            return window, Position(pos.task, pos.epoch + 1, 0)
-        return window, Position(pos.task + 1, 0, 0)
-
-    def _task_batch(self, pos: Position) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.tasks[pos.task].train.get(pos.epoch, pos.index)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def _mix_replay(self, x: torch.Tensor, y: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """With replay, the batch's last sequences swapped for earlier tasks'."""
-        if self.replay is None:
-            return x, y
-        k = max(1, round(self.spec.continual.replay_fraction * x.shape[0]))
-        old = self.replay.sample(k, task)
-        if old is None:
-            return x, y
-        x, y = x.clone(), y.clone()
-        x[-k:], y[-k:] = old[:, :-1], old[:, 1:]
-        return x, y
-
-    def _batch(self, pos: Position) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training batch at ``pos`` as a step sees it, on the device."""
-        x, y = self._mix_replay(*self.tasks[pos.task].train.get(pos.epoch, pos.index), pos.task)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def _step(self, window: list[Position]) -> None:
-        raw = [self.tasks[p.task].train.get(p.epoch, p.index) for p in window]
-        batches = [self._mix_replay(x, y, p.task) for (x, y), p in zip(raw, window)]
-        out = self.trainer.train_step([(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-                                       for x, y in batches])
-        if self.replay is not None:  # offer the task's own sequences, not the replayed ones
-            for (x, y), p in zip(raw, window):
-                self.replay.offer(torch.cat([x, y[:, -1:]], dim=1), p.task)
-        self._step_batches[self.trainer.step] = window
-        self.monitor.tokens += out.tokens
-        self.report.progress(self.trainer.step, self.trainer.total_steps,
-                             f"task {self.position.task + 1} epoch {self.position.epoch + 1}")
-        t = self.spec.train
-        if self.trainer.step % t.log_every == 0:
-            self._sync()
-        if t.checkpoint_every and self.trainer.step % t.checkpoint_every == 0:
-            self._save("last.pt")
-
     # sync points --------------------------------------------------------------------------
-    def _sync(self) -> None:
-        """Read the device counters (one host sync) and act on them."""
+    def _sync(self) -> bool:
+        """Read the device counters (one host sync) and act on them; True if it rolled back."""
         step = self.trainer.step
         if step == self.monitor.last_sync_step:
-            return
+            return False
         counters = self.trainer.guard.read()  # host sync
         rows = self.monitor.rows(counters["history"], step)
-        self.monitor.tally(rows, self.position.epoch + 1)
-        extra: dict[str, Any] = {"task": min(self.position.task, len(self.tasks) - 1) + 1}
+        for r in rows:
+            if r["step"] in self._steps:
+                self._steps[r["step"]][1] = r["reason"]
+        self.monitor.tally(rows, self._last_pos.epoch + 1, self._describe_step)
+        extra: dict[str, Any] = {"task": self._last_pos.task + 1}
         if self.trainer.plasticity is not None:
             plast = self.trainer.plasticity.read()  # host sync
             self.monitor.plasticity(self._plasticity_seen, plast, step)
             self._plasticity_seen = extra["plasticity"] = plast
-        self.monitor.step_line(rows, step, self.position.epoch + 1, counters, **extra)
+        self.monitor.step_line(rows, step, self._last_pos.epoch + 1, counters, **extra)
         try:
             self.trainer.policy.check()
         except LossScaleError as e:
             raise Unrecoverable(str(e), self._diagnose("overflow", step)) from e
+        self._healthy = counters["consecutive_skips"] == 0 and all(r["reason"] == "ok" for r in rows)
         if self.recovery.needs_rollback(counters["consecutive_skips"]):
-            self._rollback(counters, step)
-        elif not any(r["reason"] != "ok" for r in rows) and self.recovery.due(counters["good_steps"]):
+            self._rollback(counters["consecutive_skips"], step)
+            return True
+        if self._healthy and self.recovery.due(counters["good_steps"]):
             self._snapshot(counters["good_steps"])
+        return False
+
+    def _describe_step(self, step: int) -> list[dict[str, Any]]:
+        """The batches step ``step`` read: positions and source documents."""
+        return [self.stream.describe(p) for p in self._steps.get(step, [[]])[0]]
 
     # epochs and tasks -----------------------------------------------------------------------
-    def _end_epoch(self, epoch_done: bool) -> None:
-        """Validate and print the epoch's summary, once; checkpoint; snapshot."""
-        task_i, epoch_i = self._finished_epoch(epoch_done)
+    def _boundary(self, window: Window, budget: bool) -> None:
+        """An epoch or a task ended, or the --max-steps budget: summaries, the task's end,
+        the next task's start, then a checkpoint (and, if healthy, a snapshot) of it all."""
+        continual = self.spec.continual.continual_learning
+        val = math.inf
+        if window.epoch_end is not None:
+            val = self._end_epoch(*window.epoch_end, complete=True)
+        elif self.monitor.totals.steps:  # the budget cut the epoch short
+            val = self._end_epoch(self._last_pos.task, self._last_pos.epoch, complete=False)
+        ended = window.task_end if window.task_end is not None else (self._last_pos.task if budget else None)
+        if ended is not None and continual:
+            self._end_task(ended)
+        if budget and continual and ended + 1 < len(self.tasks):
+            self.stream.start_task(ended + 1)
+        elif budget:
+            self._done = True  # the position stays true, so --resume with more steps continues
+        if (window.task_end is not None or budget) and not (self._done or self.stream.finished):
+            self._start_task()
+        if not self._save(keep=self._healthy):
+            return  # weights are non-finite: recovery will roll back; no snapshot of this
+        if val < self.best_val:
+            self.best_val = val
+            self.checkpoints.mark_best()
+        if self._healthy:
+            self._snapshot()
+
+    def _end_epoch(self, task_i: int, epoch_i: int, complete: bool) -> float:
+        """Validate and print the epoch's summary, once; returns the validation loss."""
         task = self.tasks[task_i]
         metrics = self.trainer.evaluate(self._val_batches(task))
         totals = self.monitor.totals
         skipped = sum(totals.skips.values())
-        label = f"epoch {epoch_i + 1}/{self.spec.train.epochs}" + ("" if epoch_done else " (stopped at --max-steps)")
+        label = f"epoch {epoch_i + 1}/{self.spec.train.epochs}" + ("" if complete else " (stopped at --max-steps)")
         if len(self.tasks) > 1:
             label = f"task {task_i + 1}/{len(self.tasks)} {label}"
         text = (f"{label}: train_loss={totals.train_loss:.4f} val_loss={metrics['val_loss']:.4f} "
@@ -417,57 +366,49 @@ class Run:
         self.report.epoch_summary(task_i + 1, epoch_i + 1, text, step=self.trainer.step, task_name=task.name,
                                   train_loss=totals.train_loss, unigram_loss=task.unigram,
                                   unigram_acc=task.unigram_acc, skipped=skipped, skip_reason=dict(totals.skips),
-                                  bands=dict(totals.bands), complete=epoch_done, **metrics)
+                                  bands=dict(totals.bands), complete=complete, **metrics)
         self.monitor.totals = Totals()
-        if not self._save("last.pt"):
-            return  # weights are non-finite: recovery will roll back; no snapshot of this
-        if metrics["val_loss"] < self.best_val:
-            self.best_val = metrics["val_loss"]
-            copy_checkpoint(self.out / "checkpoints" / "last.pt", self.out / "checkpoints" / "best.pt")
-        self._snapshot()
-
-    def _finished_epoch(self, epoch_done: bool) -> tuple[int, int]:
-        """The (task, epoch) that just ended: the one before self.position when the data
-        stream rolled over, the current one when --max-steps cut it short."""
-        p = self.position
-        if not epoch_done:
-            return p.task, p.epoch
-        if p.epoch > 0:
-            return p.task, p.epoch - 1
-        return p.task - 1, self.spec.train.epochs - 1
+        return metrics["val_loss"]
 
     def _end_task(self, task_i: int) -> None:
         """Consolidate (EWC), score replay, evaluate every task, print the matrix once."""
-        if not self.spec.continual.continual_learning:
-            return
         task = self.tasks[task_i]
         if self.ewc is not None and self.ewc.strength > 0 and task_i + 1 < len(self.tasks):
             n = self.spec.continual.fisher_batches
-            batches = [self._task_batch(Position(task_i, 0, i)) for i in range(min(n, len(task.train)))]
+            batches = [self._device(self.stream.raw(Position(task_i, 0, i))) for i in range(min(n, len(task.train)))]
             used = self.ewc.consolidate(self.model, batches, lm_loss, self.trainer.autocast)
             if used < len(batches):
                 self.report.warn(f"task {task_i + 1}: {len(batches) - used} Fisher batches had non-finite "
                                  "gradients and were left out")
-            if self.ewc.active:
-                self.trainer.loss_hook = self.ewc.penalty
-        if self.replay is not None and self.spec.continual.replay_strategy == "importance":
-            self.replay.score(self.model, task_i, per_sequence_loss, self.device)
+            self._set_loss_hook()
+        replay = self.stream.replay
+        if replay is not None and self.spec.continual.replay_strategy == "importance":
+            replay.score(self.model, task_i, per_sequence_loss, self.device)
         row = [self.trainer.evaluate(self._val_batches(t))["val_loss"] for t in self.tasks]
-        self.matrix.append(row)
+        self.matrix = [*self.matrix, row]
         stats = transfer(self.matrix)
-        lines = format_matrix(self.matrix, [t.name for t in self.tasks])
+        if not self.report.once(("task", task_i + 1)):
+            return
         self.report.line(f"task {task_i + 1}/{len(self.tasks)} done: validation loss on every task")
-        for line in lines:
+        for line in format_matrix(self.matrix, [t.name for t in self.tasks]):
             self.report.line(line)
         self.report.line(f"  average loss over tasks 1-{task_i + 1}: {stats['average_loss']:.4f}; forgetting "
                          f"{stats['forgetting']:+.4f} (backward transfer {stats['backward_transfer']:+.4f})")
         self.report.record("task", step=self.trainer.step, task=task_i + 1, name=task.name, losses=row, **stats)
 
     def _start_task(self) -> None:
-        """A new task gets its own warm-up and cosine schedule, and its own --max-steps."""
+        """A new task gets its own warm-up and cosine schedule, its own --max-steps, and
+        fresh loss-spike statistics (its domain starts at another loss level)."""
         self.task_start_step = self.trainer.step
         self.trainer.lr_offset = self.trainer.guard.good_steps.clone()
-        self.trainer.total_steps = self._horizon(self.position.task)
+        self.trainer.total_steps = self._horizon(self.stream.position.task)
+        self.trainer.guard.reset_loss_stats()
+
+    def _set_loss_hook(self) -> None:
+        self.trainer.loss_hook = self.ewc.penalty if self.ewc is not None and self.ewc.active else None
+
+    def _device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
 
     def _val_batches(self, task: TaskData):
         """The validation split, or --eval-batches batches spread evenly across it (the
@@ -475,105 +416,199 @@ class Run:
         n = len(task.val)
         limit = min(self.spec.train.eval_batches or n, n)
         for i in range(limit):
-            x, y = task.val.get(0, i * n // limit)
-            yield x.to(self.device), y.to(self.device)
+            yield self._device(task.val.get(0, i * n // limit))
 
-    # recovery ------------------------------------------------------------------------------
-    def _state(self, trainer_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    # state ---------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        """Everything the run knows: a checkpoint, and (deep-copied) a snapshot."""
         return {
-            "trainer": trainer_state or self.trainer.state_dict(),
-            "position": self.position.__dict__,
+            "trainer": self.trainer.state_dict(),
+            "position": self.stream.position.as_dict(),  # the next batch to read
+            "stream": self.stream.state_dict(),
             "rng": rng_state(),
             "best_val": self.best_val,
-            "window": {"last_sync_step": self.monitor.last_sync_step, "totals": self.monitor.totals.state_dict()},
+            "window": {"last_sync_step": self.monitor.last_sync_step, "totals": self.monitor.totals.state_dict(),
+                       "healthy": self._healthy, "last_pos": self._last_pos.as_dict(),
+                       "steps": [[s, [p.as_dict() for p in ps], r] for s, (ps, r) in sorted(self._steps.items())]},
             "continual": {"matrix": self.matrix, "task_start_step": self.task_start_step,
-                          "ewc": self.ewc.state_dict() if self.ewc else None,
-                          "replay": self.replay.state_dict() if self.replay else None},
+                          "ewc": self.ewc.state_dict() if self.ewc else None},
+            "recovery": self.recovery.state_dict(),
+            "metrics_offset": self.report.offset(),
             "config": self._configs(),
             "corpus": self.fingerprint,
         }
 
-    def _save(self, name: str, state: dict[str, Any] | None = None) -> bool:
-        """Write a checkpoint; with non-finite weights write nothing, warn, return False."""
-        state = state or self._state()
+    def _restore(self, state: dict[str, Any], rollback: bool = False) -> None:
+        """Load a checkpoint (resume) or a rollback target. A rollback keeps what the run
+        has learnt since: the quarantine, the recovery state, the best validation loss,
+        the epoch's totals and metrics.jsonl as written."""
+        self.trainer.load_state_dict(state["trainer"])
+        self.stream.load_state_dict(state["stream"], keep_quarantine=rollback)
+        set_rng_state(state["rng"])
+        cont = state["continual"]
+        self.matrix, self.task_start_step = [list(r) for r in cont["matrix"]], cont["task_start_step"]
+        if self.ewc is not None:
+            self.ewc.load_state_dict(cont["ewc"])
+        self._set_loss_hook()
+        window = state["window"]
+        self._last_pos = Position(**window["last_pos"])
+        if rollback:
+            self.monitor.last_sync_step = self.trainer.step
+            self._steps = {s: v for s, v in self._steps.items() if s <= self.trainer.step}
+        else:
+            self.recovery.load_state_dict(state["recovery"])
+            self.best_val = state["best_val"]
+            self.monitor.last_sync_step = window["last_sync_step"]
+            self.monitor.totals = Totals.from_state(window["totals"])
+            self._healthy = window["healthy"]
+            self._steps = {s: [[Position(**p) for p in ps], r] for s, ps, r in window["steps"]}
+            self.report.truncate_to(state["metrics_offset"])
+        self.trainer.lr_factor = torch.full((), self.recovery.lr_factor, device=self.device)
+
+    def _save(self, keep: bool) -> bool:
+        """Write last.pt (and with ``keep`` a kept checkpoint of this step); with non-finite
+        weights write nothing, warn, return False."""
+        self._saving = True
         try:
-            save_checkpoint(self.out / "checkpoints" / name, state, state["trainer"]["model"])
+            self._persist_snapshot()
+            self.checkpoints.save(self._state(), keep=keep)
         except CorruptStateError as e:
             self.report.warn(f"{e}; keeping the previous checkpoint")
+            self._last_save_ok = False
             return False
+        finally:
+            self._saving = False
+        self._write_quarantine()
+        self._last_save_ok = True
         return True
+
+    def _persist_snapshot(self) -> None:
+        """Before last.pt moves on, put the in-memory snapshot on disk if it is newer than
+        every kept checkpoint: a restart then rolls back to the same state."""
+        snap = self.recovery.snapshot
+        if snap is None or snap.persisted:
+            return
+        kept = self.checkpoints.kept()
+        if not kept or snap.step > kept[-1][0]:
+            self.checkpoints.keep_state(snap.state, snap.step)
+        snap.persisted = True
 
     def _snapshot(self, good_steps: int | None = None) -> None:
         if good_steps is None:
             good_steps = int(self.trainer.guard.good_steps)  # host sync (epoch ends, start)
-        self.recovery.take(self.trainer.state_dict(), self.position, {"rng": rng_state()}, good_steps)
-        self._step_batches = {}
+        self.recovery.take(copy.deepcopy(self._state()), self.trainer.step, good_steps)
 
-    def _rollback(self, counters: dict[str, Any], step: int) -> None:
-        failed_steps = range(step - counters["consecutive_skips"] + 1, step + 1)
-        failed = [p for s in failed_steps for p in self._step_batches.get(s, [])]
-        reason = self._last_reason(counters, step)
-        if self.recovery.exhausted():
-            raise Unrecoverable(
-                f"{counters['consecutive_skips']} consecutive skipped steps (last: {reason}) after "
-                f"{self.recovery.rollbacks} rollbacks", self._diagnose(reason, step))
-        snap = self.recovery.rollback(failed)
-        self.trainer.load_state_dict(snap.state)
-        self.trainer.lr_factor *= self.spec.guard.rollback_lr_factor
-        set_rng_state(snap.extra["rng"])
-        self.position = snap.position
-        self.monitor.last_sync_step = self.trainer.step
-        self._step_batches = {}
+    def _write_quarantine(self) -> None:
+        """quarantine.jsonl: every batch a rollback took out of the stream, with its sources."""
+        path = self.out / "quarantine.jsonl"
+        lines = [json.dumps({**self.stream.describe(p), **why}) for p, why in sorted(self.stream.quarantined.items())]
+        if lines or path.exists():
+            atomic_write(path, "".join(line + "\n" for line in lines))
+
+    # recovery ------------------------------------------------------------------------------
+    def _failed_steps(self, consecutive: int, step: int) -> list[int]:
+        """The steps of the skip streak that triggered a rollback (fp16 overflows belong to
+        the loss scale and do not count)."""
+        scaled = self.trainer.policy.enabled
+        failed = []
+        for s in range(step, 0, -1):
+            if len(failed) == consecutive or s not in self._steps:
+                break
+            reason = self._steps[s][1]
+            if reason in (None, "ok"):
+                break
+            if not (scaled and reason == REASONS[OVERFLOW]):
+                failed.append(s)
+        return failed[::-1]
+
+    def _rollback_target(self) -> tuple[dict[str, Any], str, bool] | None:
+        """The newest good state, where it came from, and whether it is on disk: a kept
+        checkpoint newer than the in-memory snapshot, else the snapshot (after a restart
+        the snapshot is gone and the kept checkpoints are not)."""
+        snap = self.recovery.snapshot
+        for step, path in reversed(self.checkpoints.kept()):
+            if snap is not None and step <= snap.step:
+                break
+            try:
+                return load_checkpoint(path), str(path), True
+            except UnreadableCheckpoint as e:
+                self.report.warn(f"{e}; trying an older checkpoint")
+        if snap is not None:
+            return copy.deepcopy(snap.state), f"the in-memory snapshot of step {snap.step}", snap.persisted
+        return None
+
+    def _rollback(self, consecutive: int, step: int) -> None:
+        failed_steps = self._failed_steps(consecutive, step)
+        failed = [p for s in failed_steps for p in self._steps[s][0]]
+        reason = self._steps[step][1] if step in self._steps else "unknown"
+        target = None if self.recovery.exhausted() else self._rollback_target()
+        if target is None:
+            why = f"after {self.recovery.rollbacks} rollbacks" if self.recovery.exhausted() else "and no good state"
+            raise Unrecoverable(f"{consecutive} consecutive skipped steps (last: {reason}) {why}",
+                                self._diagnose(reason, step))
+        state, source, on_disk = target
+        self.recovery.rollbacks += 1
+        self.stream.quarantine(failed, step, reason)
+        self._restore(state, rollback=True)
+        self.checkpoints.drop_after(self.trainer.step)
+        self.recovery.take(state, self.trainer.step, int(self.trainer.guard.good_steps))  # host sync, rare
+        self.recovery.snapshot.persisted = on_disk
         self.report.warn(
-            f"step {step}: {counters['consecutive_skips']} consecutive skipped steps ({reason}); rolled back "
-            f"to step {self.trainer.step} (rollback {self.recovery.rollbacks}/{self.spec.guard.max_rollbacks}), "
-            f"skipping {len(failed)} failed batches, learning rate x{float(self.trainer.lr_factor):g}")
-        self.report.record("rollback", step=step, to_step=self.trainer.step, reason=reason,
-                           rollbacks=self.recovery.rollbacks, failed_batches=len(failed))
-
-    def _last_reason(self, counters: dict[str, Any], step: int) -> str:
-        return REASONS[int(counters["history"][(step - 1) % self.trainer.guard.window][2])]
+            f"step {step}: {consecutive} consecutive skipped steps ({reason}); rolled back to step "
+            f"{self.trainer.step} from {source} (rollback {self.recovery.rollbacks}/{self.spec.guard.max_rollbacks}), "
+            f"quarantined {len(failed)} batches (see quarantine.jsonl), learning rate x{self.recovery.lr_factor:g}")
+        self.report.record("rollback", step=step, to_step=self.trainer.step, reason=reason, source=source,
+                           rollbacks=self.recovery.rollbacks, failed_batches=len(failed),
+                           batches=[self.stream.describe(p) for p in failed])
+        self._save(keep=False)  # the rolled-back state is what a restart must continue from
 
     def _diagnose(self, reason: str, step: int) -> dict[str, Any]:
-        last = self._step_batches.get(step) or [self.position]
-        diag = diagnose(self.model, self._batch(last[-1]), lm_loss, self.trainer.autocast)
+        last = self._steps.get(step, [[]])[0] or [self._last_pos]
+        diag = diagnose(self.model, self._device(self.stream.raw(last[-1])), lm_loss, self.trainer.autocast)
         return {"step": step, "reason": reason, "nonfinite_weights": diag.nonfinite_weights,
                 "nonfinite_activations": diag.nonfinite_activations, "nonfinite_grads": diag.nonfinite_grads,
-                "loss": diag.loss, "lines": diag.lines()}
+                "loss": diag.loss, "lines": diag.lines(), "batches": [self.stream.describe(p) for p in last]}
 
     def _unrecoverable(self, e: Unrecoverable) -> int:
         report = e.report
-        snap = self.recovery.snapshot
+        target = self._rollback_target()
         saved = None
-        if snap is not None:
-            state = self._state(snap.state)
-            state["position"] = snap.position.__dict__
-            if self._save("last.pt", state):
-                saved = self.out / "checkpoints" / "last.pt"
-        report.update(error=str(e), last_good_checkpoint=str(saved) if saved else None,
-                      last_good_step=snap.state["step"] if snap else None)
-        atomic_write_bytes(self.out / "report.json",
-                           lambda f: f.write(json.dumps(report, indent=2, default=str).encode()))
         self.report.record("stop", step=report["step"], reason=report["reason"], error=str(e))
+        if target is not None:  # the last good state, with what recovery learnt and the log as it is
+            state = {**target[0], "recovery": self.recovery.state_dict(), "metrics_offset": self.report.offset()}
+            state["stream"] = {**state["stream"], "quarantined": self.stream.state_dict()["quarantined"]}
+            try:
+                self.checkpoints.save(state, keep=False)
+                saved = self.checkpoints.last
+            except CorruptStateError as err:
+                self.report.warn(f"{err}; keeping the previous checkpoint")
+        last_good_step = target[0]["trainer"]["step"] if target else None
+        report.update(error=str(e), last_good_checkpoint=str(saved) if saved else None, last_good_step=last_good_step)
+        atomic_write(self.out / "report.json", json.dumps(report, indent=2, default=str))
         self.report.line(f"error: training stopped at step {report['step']}: {e}")
         for line in report["lines"]:
             self.report.line(f"  {line}")
         if saved:
-            self.report.line(f"  last good state (step {report['last_good_step']}) saved to {saved}")
+            self.report.line(f"  last good state (step {last_good_step}) saved to {saved}")
         self.report.line(f"  report: {self.out / 'report.json'}")
         return EXIT_UNRECOVERABLE
 
     # interrupts ------------------------------------------------------------------------------
-    def _on_sigint(self, signum, frame) -> None:
-        if self.stop_requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.stop_requested = True
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            return
+        if self._saving:  # never abandon a checkpoint half-way
+            self.report.line("still saving the checkpoint; it finishes in a moment")
+            return
+        raise KeyboardInterrupt  # a second signal during a step stops at once
 
     def _interrupted(self) -> int:
-        self._save("last.pt")  # with the unlogged window, so the resumed run logs it as if never stopped
-        self.report.line(f"interrupted at step {self.trainer.step}; saved {self.out / 'checkpoints' / 'last.pt'}; "
+        self._save(keep=False)  # with the unlogged window, so the resumed run logs it as if never stopped
+        name = signal.Signals(self.stop_signal).name
+        self.report.line(f"{name} at step {self.trainer.step}: saved {self.checkpoints.last}; "
                          "continue with the same command and --resume")
-        return EXIT_INTERRUPTED
+        return _EXIT_ON[self.stop_signal]
 
     def _announce(self) -> None:
         counts = self.model.parameter_counts()
@@ -592,6 +627,11 @@ class Run:
         if p.use_stdp or p.use_meta_plasticity:
             self.report.line(f"plasticity: {'STDP ' + p.stdp_type if p.use_stdp else 'no STDP'}, "
                              f"{'meta-plasticity' if p.use_meta_plasticity else 'no meta-plasticity'}")
+        if t.resume:
+            pos = self.stream.position
+            self.report.line(f"resumed from {self.checkpoints.last} at step {self.trainer.step} (task {pos.task + 1}, "
+                             f"epoch {pos.epoch + 1}, batch {pos.index}); {self.recovery.rollbacks} rollbacks so far, "
+                             f"{len(self.stream.quarantined)} batches quarantined")
 
 
 def run(spec: RunSpec, stream: TextIO | None = None) -> int:

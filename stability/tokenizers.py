@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from stability.atomic import atomic_write
 from stability.data import Corpus, DataError, Document
 
 if TYPE_CHECKING:
@@ -171,14 +172,22 @@ def load_tokenizer(
 
 def encode_documents(tokenizer: Tokenizer, docs: Sequence[Document]) -> torch.Tensor:
     """All documents as one int64 stream (n,), each followed by ``tokenizer.eos_id``."""
+    return encode_documents_with_offsets(tokenizer, docs)[0]
+
+
+def encode_documents_with_offsets(tokenizer: Tokenizer, docs: Sequence[Document]) -> tuple[torch.Tensor, list[int]]:
+    """The stream of ``encode_documents`` and the token at which each document starts."""
     parts = [np.zeros(0, dtype=np.int64)]
+    offsets, n = [], 0
     texts = [d.text for d in docs]
     chunks = (texts[i : i + ENCODE_CHUNK_DOCS] for i in range(0, len(texts), ENCODE_CHUNK_DOCS))
     for chunk in chunks:
         for ids in tokenizer.encode_batch(chunk):
+            offsets.append(n)
+            n += len(ids) + 1
             parts.append(np.asarray(ids, dtype=np.int64))
             parts.append(np.array([tokenizer.eos_id], dtype=np.int64))
-    return torch.from_numpy(np.concatenate(parts))  # (n,)
+    return torch.from_numpy(np.concatenate(parts)), offsets  # (n,)
 
 
 # --- a tokenizer saved beside a run or an exported model --------------------------------
@@ -194,7 +203,7 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> Path:
         text = tokenizer.tok.to_str()
     else:
         text = json.dumps({"lsnn_tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size})
-    _write_atomically(path, text)
+    atomic_write(path, text)
     return path
 
 
@@ -254,7 +263,7 @@ def bpe_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path | None = None
                 "delete it to retrain"
             ) from e
     tok = train_bpe([d.text for d in corpus.train], vocab_size)
-    _write_atomically(path, tok.to_str())
+    atomic_write(path, tok.to_str())
     return BPETokenizer(tok, path, from_cache=False)
 
 
@@ -274,21 +283,6 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> tokenizers.Tokenizer:
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     return tok
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Temp file in the same directory, then ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- tiktoken ---------------------------------------------------------------------------

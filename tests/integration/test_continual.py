@@ -118,17 +118,18 @@ def _run(tmp_path, data, *extra):
 
 
 def test_replay_mixes_earlier_tasks_into_batches_and_off_means_off(tmp_path, two_domains):
-    from stability.run import Position
+    from stability.stream import Position, Window
 
+    window = Window((Position(1, 0, 0),), Position(1, 0, 1))
     on = _run(tmp_path / "on", two_domains, "--use-replay", "--replay-fraction", "0.5")
     raw_x, _ = on.tasks[1].train.get(0, 0)
     first_task = on.tasks[0].train.get(0, 0)[0]
-    on.replay.offer(torch.cat([first_task, first_task[:, -1:]], dim=1), task=0)
-    x, _ = on._batch(Position(1, 0, 0))
+    on.stream.replay.offer(torch.cat([first_task, first_task[:, -1:]], dim=1), task=0)
+    (x, _), = on.stream.batches(window)
     assert torch.equal(x[:2], raw_x[:2]) and not torch.equal(x[2:], raw_x[2:])
     assert all(any(torch.equal(row, old) for old in first_task) for row in x[2:]), "rows come from task 1"
     off = _run(tmp_path / "off", two_domains)
-    assert off.replay is None and torch.equal(off._batch(Position(1, 0, 0))[0], raw_x)
+    assert off.stream.replay is None and torch.equal(off.stream.batches(window)[0][0], raw_x)
 
 
 @pytest.mark.parametrize("strength,active", [("0", False), ("1000", True)])

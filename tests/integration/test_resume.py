@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import stability.run
-from stability.checkpoint import load_checkpoint
+from stability.checkpoint import CheckpointDir, load_checkpoint
 from stability.cli import build_parser, resolve
-from stability.run import prepare_data
+from stability.stream import prepare_data
 from stability.trainer import Trainer
 from tests.integration.cli_helpers import FAST, TINY_MODEL, records, run_cli
 
@@ -78,13 +77,13 @@ def test_a_rollback_early_in_task_2_leaves_one_row_and_one_summary_per_task(tmp_
 
 def test_each_periodic_checkpoint_records_the_next_batch_to_read(tmp_path, corpus, monkeypatch):
     saved = []
-    original = stability.run.save_checkpoint
+    original = CheckpointDir.save
 
-    def spy(path, state, weights):
+    def spy(self, state, keep):
         saved.append((state["trainer"]["step"], state["position"]["index"]))
-        return original(path, state, weights)
+        return original(self, state, keep)
 
-    monkeypatch.setattr(stability.run, "save_checkpoint", spy)
+    monkeypatch.setattr(CheckpointDir, "save", spy)
     assert run_cli(["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(tmp_path / "r"),
                     "--max-steps", "6", "--checkpoint-every", "2", "--log-every", "3"]) == 0
     assert all(index == step for step, index in saved), saved

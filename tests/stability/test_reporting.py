@@ -44,15 +44,27 @@ def test_nonfinite_values_stay_parseable_json(tmp_path):
     assert json.loads(raw) == {"kind": "skip", "loss": "nan", "grad_norm": "inf", "nested": ["-inf"]}
 
 
-def test_truncate_after_keeps_earlier_records_and_remembers_their_summaries(tmp_path):
+def test_truncate_to_a_checkpoints_offset_keeps_what_was_written_before_it(tmp_path):
     r = Reporter(tmp_path, io.StringIO())
-    for step in (2, 4, 6):
+    for step in (2, 4):
         r.record("step", step=step)
     r.epoch_summary(1, 1, "epoch 1", step=4)
+    r.record("task", step=4, task=1)
+    offset = r.offset()
+    r.record("step", step=6)
+    r.record("step", step=3)  # re-trained after a rollback: a lower step number, later in the file
     resumed = Reporter(tmp_path, io.StringIO())
-    resumed.truncate_after(4)
-    assert [x.get("step") for x in read_records(tmp_path / "metrics.jsonl")] == [2, 4, 4]
+    resumed.truncate_to(offset)
+    assert [x.get("step") for x in read_records(tmp_path / "metrics.jsonl")] == [2, 4, 4, 4]
     assert not resumed.epoch_summary(1, 1, "epoch 1", step=4), "already reported before the stop"
+    assert not resumed.once(("task", 1)) and resumed.once(("task", 2))
+
+
+def test_a_last_line_cut_short_by_a_crash_is_left_out_when_reading(tmp_path):
+    Reporter(tmp_path, io.StringIO()).record("step", step=2)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "step", "st')
+    assert read_records(tmp_path / "metrics.jsonl") == [{"kind": "step", "step": 2}]
 
 
 def test_a_partial_summary_at_max_steps_does_not_hide_the_epochs_real_end(tmp_path):
