@@ -104,8 +104,8 @@ class ModelConfig:
     """Mamba's inner width as a multiple of hidden_dim (e = expand * d)."""
     mamba_dt_rank: int | None = None
     """Rank of the delta projection; default ceil(hidden_dim / 16) as in Mamba."""
-    scan_impl: Literal["auto", "loop", "chunked", "cuda", "ref"] = "auto"
-    """Selective-scan implementation: auto picks cuda kernels, else loop on CPU, chunked on GPU."""
+    scan_impl: Literal["auto", "numba", "loop", "parallel", "triton", "chunked", "cuda", "ref"] = "auto"
+    """Selective scan: auto is numba (else loop) on CPU; cuda (mamba-ssm), else triton, else parallel on GPU."""
 
     spike_to_mamba_method: SpikeMethod = "rate"
     """How spikes become continuous features: rate, temporal (exponential) or potential."""

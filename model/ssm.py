@@ -1,13 +1,20 @@
-"""Selective state-space scan (Mamba's S6): the reference, a CPU loop, a chunked scan.
+"""Selective state-space scan (Mamba's S6): the reference and its fast paths.
 
     x_t = exp(delta_t * A) * x_{t-1} + delta_t * B_t * u_t      (per channel e, state n)
     y_t = <x_t, C_t> + D * u_t,      out_t = y_t * silu(z_t)
 
 Arguments, shapes and semantics follow mamba-ssm's ``selective_scan_ref`` (real A only):
 ``selective_scan_ref`` is the oracle, written straight from the equation;
-``selective_scan_loop`` is the fast CPU path (hand-written backward);
-``selective_scan_chunked`` is the parallel path for GPUs without mamba-ssm's kernels;
-``selective_scan`` dispatches between them and the CUDA kernel.
+``selective_scan_numba`` is the fast CPU path (a compiled kernel, ``model.numba_scan``);
+``selective_scan_loop`` is the CPU path in plain torch (hand-written backward), where
+numba is absent;
+``selective_scan_parallel`` is a work-efficient log-depth (Blelloch) scan in plain torch,
+the GPU path without a kernel;
+``selective_scan_triton`` is a Triton kernel (``model.triton_scan``), the GPU path
+without mamba-ssm;
+``selective_scan_chunked`` is a chunked parallel scan (quadratic inside a chunk), kept as
+a second plain-torch GPU path;
+``selective_scan`` dispatches between them and mamba-ssm's CUDA kernel.
 
 Shape letters:
     b  batch
@@ -16,6 +23,7 @@ Shape letters:
     l  sequence length
     g  groups of channels sharing one B or C (e divisible by g); h = e // g channels a group
     t, s  positions inside one chunk (chunked scan)
+    p  the sequence padded to a power of two (parallel scan)
 
 B and C are each (e n) constant, (b n l) variable or (b g n l) grouped. The scan runs in
 fp32 (fp64 stays fp64, so gradcheck can use it); the output is cast back to u's dtype and
@@ -26,8 +34,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import itertools
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,8 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-ScanImpl = Literal["auto", "loop", "chunked", "cuda", "ref"]
-SCAN_IMPLS: tuple[str, ...] = ("auto", "loop", "chunked", "cuda", "ref")
+ScanImpl = Literal["auto", "numba", "loop", "parallel", "triton", "chunked", "cuda", "ref"]
+SCAN_IMPLS: tuple[str, ...] = ("auto", "numba", "loop", "parallel", "triton", "chunked", "cuda", "ref")
 
 ScanResult = Tensor | tuple[Tensor, Tensor]
 
@@ -364,13 +374,55 @@ def selective_scan_loop(
     Linear in l in time and memory. Unlike mamba-ssm's kernel, the gradient of the
     returned last state is propagated.
     """
+    return _scan_with(
+        _LoopScan.apply, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+    )
+
+
+Core = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def _scan_with(
+    core: Core, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None,
+    delta_softplus: bool, return_last_state: bool,
+) -> ScanResult:
+    """Check, discretise delta and upcast in torch, run ``core(u, dt, A, B, C) -> (y, last)``
+    in the compute dtype, then the skip and gate: every fast path but chunked and cuda."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype = _compute_dtype(u)
     u32 = u.to(dtype)
     dt = _discretize_delta(delta, delta_bias, delta_softplus, dtype)
-    y, last = _LoopScan.apply(u32, dt, A.to(dtype), B.to(dtype), C.to(dtype))
+    y, last = core(u32, dt, A.to(dtype), B.to(dtype), C.to(dtype))
     out = _skip_and_gate(y, u32, D, z, u.dtype)
     return (out, last) if return_last_state else out
+
+
+# ---------------------------------------------------------------------------------------
+# Numba: the CPU kernel (model.numba_scan), the loop's equations in one compiled pass
+# ---------------------------------------------------------------------------------------
+
+
+def selective_scan_numba(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> ScanResult:
+    """The scan as one compiled kernel per direction, on the CPU (``model.numba_scan``).
+
+    Saves only its inputs for the backward, which recomputes the states channel by
+    channel; the gradient of the returned last state is propagated.
+    """
+    from model.numba_scan import numba_scan
+
+    return _scan_with(numba_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 # ---------------------------------------------------------------------------------------
@@ -451,12 +503,135 @@ def selective_scan_chunked(
 
 
 # ---------------------------------------------------------------------------------------
+# Parallel: a work-efficient log-depth scan in plain torch (the GPU path without kernels)
+# ---------------------------------------------------------------------------------------
+
+
+def _pscan_(a: Tensor, x: Tensor) -> None:
+    """x_t = a_t x_{t-1} + x_t along dim 0 (length a power of two), in place (Blelloch).
+
+    The pairs (a, x) compose as (a1, x1) then (a2, x2) = (a1 a2, a2 x1 + x2). The up-sweep
+    combines neighbours at strides 1, 2, 4, ... so the last element of each aligned block
+    holds that block's composition; the down-sweep carries the full prefix into the
+    middle of each block, from the widest stride down. 2 log2(p) steps of elementwise work
+    on views, p - 1 compositions each way: O(p) work, O(log p) depth. ``a`` is consumed.
+    """
+    p = a.shape[0]
+    levels = p.bit_length() - 1
+    for d in range(levels):  # up-sweep
+        step = 1 << d
+        a_d = a[step - 1 :: step].unflatten(0, (-1, 2))  # (p / 2step, 2, ...)
+        x_d = x[step - 1 :: step].unflatten(0, (-1, 2))
+        x_d[:, 1].addcmul_(a_d[:, 1], x_d[:, 0])
+        a_d[:, 1].mul_(a_d[:, 0])
+    for d in range(levels - 2, -1, -1):  # down-sweep
+        step = 1 << d
+        a_d = a[step - 1 :: step].unflatten(0, (-1, 2))
+        x_d = x[step - 1 :: step].unflatten(0, (-1, 2))
+        # the first of each pair (past the first) follows the prefix ending just before it
+        x_d[1:, 0].addcmul_(a_d[1:, 0], x_d[:-1, 1])
+        a_d[1:, 0].mul_(a_d[:-1, 1])
+
+
+def _linear_scan(a: Tensor, x: Tensor) -> Tensor:
+    """states_t = a_t states_{t-1} + x_t along dim 0 from a zero state, for any length."""
+    l = a.shape[0]
+    p = 1 << max(0, (l - 1).bit_length())
+    if p != l:  # pad with identity steps (a = 1, x = 0) after the sequence
+        a = torch.cat([a, a.new_ones(p - l, *a.shape[1:])])
+        x = torch.cat([x, x.new_zeros(p - l, *x.shape[1:])])
+    else:
+        a = a.clone()
+    _pscan_(a, x)
+    return x[:l]
+
+
+class _ParallelScan(torch.autograd.Function):
+    """``_LoopScan``'s function, with the forward states and the backward adjoint each
+    one ``_linear_scan`` over the whole sequence instead of a loop over tokens.
+
+    Keeps the states (l b e n) for the backward, which recomputes the decays, runs the
+    adjoint scan on the reversed sequence, and takes every gradient from ``_block_grads``.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor):  # type: ignore[override]
+        Bm, Cm = _StateMap.of(B, u.dtype), _StateMap.of(C, u.dtype)
+        u_t, dt_t = _time_major(u), _time_major(dt)  # (l b e)
+        decay = torch.exp(dt_t[..., None] * A)  # (l b e n)
+        states = _linear_scan(decay, Bm.outer(dt_t * u_t))  # (l b e n)
+        ctx.save_for_backward(u, dt, A, B, C, states)
+        return _time_last(Cm.dot(states)), states[-1].clone()  # (b e l), (b e n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor, dlast: Tensor):  # type: ignore[override]
+        u, dt, A, B, C, states = ctx.saved_tensors
+        Bm, Cm = _StateMap.of(B, u.dtype), _StateMap.of(C, u.dtype)
+        u_t, dt_t = _time_major(u), _time_major(dt)
+        dy_t = _time_major(dy.to(u.dtype))  # (l b e)
+        decay = torch.exp(dt_t[..., None] * A)  # (l b e n)
+        # g_t = decay_{t+1} g_{t+1} + C_t dy_t: a forward scan of the reversed sequence
+        inputs = Cm.outer(dy_t)  # (l b e n)
+        inputs[-1] += dlast
+        carried = torch.cat([decay[1:], torch.zeros_like(decay[:1])]).flip(0)
+        g = _linear_scan(carried, inputs.flip(0)).flip(0)  # (l b e n)
+        x0 = torch.zeros_like(states[0])
+        du, ddt, dA, dB, dC = _block_grads(u_t, dt_t, A, Bm, Cm, dy_t, x0, states, decay, g)
+        return _time_last(du), _time_last(ddt), dA, Bm.join_grads([dB], B), Cm.join_grads([dC], C)
+
+
+def selective_scan_parallel(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> ScanResult:
+    """Work-efficient parallel scan in plain torch: O(b e n l) work and memory, O(log l)
+    steps of elementwise kernels. The GPU path where neither Triton nor mamba-ssm is."""
+    return _scan_with(
+        _ParallelScan.apply, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Triton: the GPU kernel (model.triton_scan)
+# ---------------------------------------------------------------------------------------
+
+
+def selective_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> ScanResult:
+    """The scan as a Triton kernel (forward and backward), on CUDA or, with
+    TRITON_INTERPRET=1, on the CPU through Triton's interpreter (the tests)."""
+    from model.triton_scan import triton_scan
+
+    return _scan_with(triton_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+# ---------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------
 
 _CUDA_FIX = (
     "on a CUDA machine `pip install lsnn[cuda]` (mamba-ssm), or choose another "
-    "implementation with --scan-impl loop (CPU) or --scan-impl chunked (GPU)"
+    "implementation: --scan-impl numba or --scan-impl loop (CPU), --scan-impl triton or "
+    "--scan-impl parallel (GPU)"
 )
 
 
@@ -470,11 +645,30 @@ def mamba_ssm_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether Triton is installed (the kernel compiles on first use). Not imported here:
+    Triton reads TRITON_INTERPRET once, when first imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def numba_available() -> bool:
+    """Whether numba can be imported, for the CPU kernel."""
+    from model.numba_scan import available
+
+    return available()
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs its interpreter (TRITON_INTERPRET=1), on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def resolve_scan_impl(u: Tensor, impl: str) -> str:
     """The implementation ``selective_scan`` will run for ``u``: never "auto".
 
-    auto: the CUDA kernel for CUDA tensors when mamba-ssm is installed, else chunked on
-    CUDA, else loop.
+    auto: on CUDA mamba-ssm's kernel when installed, else the Triton kernel when Triton
+    imports, else the parallel scan; on the CPU the numba kernel, else the torch loop.
     """
     if impl not in SCAN_IMPLS:
         raise ValueError(
@@ -482,8 +676,10 @@ def resolve_scan_impl(u: Tensor, impl: str) -> str:
         )
     if impl == "auto":
         if u.is_cuda:
-            return "cuda" if mamba_ssm_available() else "chunked"
-        return "loop"
+            if mamba_ssm_available():
+                return "cuda"
+            return "triton" if triton_available() else "parallel"
+        return "numba" if u.device.type == "cpu" and numba_available() else "loop"
     if impl == "cuda":
         if not u.is_cuda:
             raise ValueError(
@@ -493,6 +689,24 @@ def resolve_scan_impl(u: Tensor, impl: str) -> str:
         if not mamba_ssm_available():
             raise ValueError(
                 f"--scan-impl cuda needs mamba-ssm, which cannot be imported; {_CUDA_FIX}"
+            )
+    if impl == "numba":
+        if u.device.type != "cpu":
+            raise ValueError(
+                f"--scan-impl numba runs on the CPU, but the tensors are on {u.device}; "
+                "use --scan-impl triton or parallel on a GPU"
+            )
+        if not numba_available():
+            raise ValueError("--scan-impl numba needs numba, which cannot be imported; "
+                             "pip install numba, or use --scan-impl loop")
+    if impl == "triton":
+        if not triton_available():
+            raise ValueError("--scan-impl triton needs Triton, which cannot be imported; "
+                             "pip install lsnn[triton], or use --scan-impl parallel")
+        if not (u.is_cuda or triton_interpreted()):
+            raise ValueError(
+                f"--scan-impl triton runs on CUDA (or on the CPU under TRITON_INTERPRET=1, "
+                f"for tests), but the tensors are on {u.device}; use --scan-impl numba or loop"
             )
     return impl
 
@@ -505,7 +719,10 @@ def _selective_scan_cuda(*args, **kwargs) -> ScanResult:
 
 _IMPLS = {
     "ref": selective_scan_ref,
+    "numba": selective_scan_numba,
     "loop": selective_scan_loop,
+    "parallel": selective_scan_parallel,
+    "triton": selective_scan_triton,
     "chunked": selective_scan_chunked,
     "cuda": _selective_scan_cuda,
 }
@@ -524,7 +741,7 @@ def selective_scan(
     return_last_state: bool = False,
     impl: ScanImpl = "auto",
 ) -> ScanResult:
-    """The selective scan, by ``impl`` in auto, loop, chunked, cuda, ref (see module doc).
+    """The selective scan, by ``impl`` in ``SCAN_IMPLS`` (see the module docstring).
 
     Returns out (b e l) in u's dtype, and the last state (b e n) if ``return_last_state``.
     """

@@ -119,7 +119,7 @@ def test_dropout_changes_training_forward_only():
         assert torch.equal(plain.eval()(x), dropped.eval()(x))
 
 
-@pytest.mark.parametrize("impl", ["chunked", "ref"])
+@pytest.mark.parametrize("impl", ["numba", "parallel", "chunked", "ref"])
 def test_scan_implementation_does_not_change_the_result(impl):
     x = tokens()
     with torch.no_grad():

@@ -81,7 +81,7 @@ def test_output_is_finite_and_shaped_b_l_d():
     assert y.isfinite().all()
 
 
-@pytest.mark.parametrize("scan_impl", ["loop", "chunked"])
+@pytest.mark.parametrize("scan_impl", ["numba", "loop", "parallel", "chunked"])
 def test_bf16_autocast_output_tracks_fp32_with_finite_gradients(scan_impl):
     m = make_mamba(scan_impl=scan_impl)
     x = torch.randn(2, 20, 16)
@@ -95,7 +95,7 @@ def test_bf16_autocast_output_tracks_fp32_with_finite_gradients(scan_impl):
         assert p.grad is not None and p.grad.isfinite().all(), f"d{name} missing or not finite"
 
 
-@pytest.mark.parametrize("scan_impl", ["loop", "chunked", "ref"])
+@pytest.mark.parametrize("scan_impl", ["numba", "loop", "parallel", "chunked", "ref"])
 @pytest.mark.parametrize("t", [0, 4, 10])
 def test_output_up_to_t_ignores_later_tokens(scan_impl, t):
     m = make_mamba(scan_impl=scan_impl, d_conv=4)
@@ -144,7 +144,8 @@ def test_from_config_reads_the_mamba_flags():
 
 
 def test_unknown_scan_impl_is_rejected_listing_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown scan_impl 'fast'; valid: auto, loop, chunked, cuda, ref"):
+    valid = "auto, numba, loop, parallel, triton, chunked, cuda, ref"
+    with pytest.raises(ValueError, match=f"unknown scan_impl 'fast'; valid: {valid}"):
         Mamba(16, scan_impl="fast")
 
 
@@ -190,10 +191,25 @@ def _output_and_grads(m: Mamba, x: torch.Tensor) -> tuple[torch.Tensor, dict[str
     return y, dict(zip(["input", *params], grads))
 
 
-@pytest.mark.parametrize("scan_impl", ["loop", "chunked"])
+@pytest.mark.parametrize("scan_impl", ["numba", "loop", "parallel", "chunked"])
 def test_scan_impls_give_the_reference_output_and_gradients(scan_impl):
     m = make_mamba(scan_impl="ref")
     x = torch.randn(2, 70, 16)  # two chunks of the chunked scan, the second partial
+    y_ref, grads_ref = _output_and_grads(m, x)
+    m.scan_impl = scan_impl
+    y, grads = _output_and_grads(m, x)
+    assert_close(y, y_ref, msg="output")
+    for name, grad in grads.items():
+        assert_close(grad, grads_ref[name], scale=GRAD_SCALE, msg=f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scan_impl", ["parallel", "triton", "chunked"])
+def test_gpu_scan_impls_give_the_reference_output_and_gradients_on_cuda(exact_fp32_cuda, scan_impl):
+    if scan_impl == "triton":
+        pytest.importorskip("triton", reason="triton not importable: pip install lsnn[triton]")
+    m = make_mamba(scan_impl="ref").cuda()
+    x = torch.randn(2, 70, 16, device="cuda")  # two Triton chunks, the second partial
     y_ref, grads_ref = _output_and_grads(m, x)
     m.scan_impl = scan_impl
     y, grads = _output_and_grads(m, x)

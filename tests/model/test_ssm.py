@@ -1,25 +1,35 @@
-"""Selective scan: the oracle against hand-computed numbers; the loop and chunked scans
-against the oracle in value and gradient; the dispatcher; CUDA paths where CUDA is."""
+"""Selective scan: the oracle against hand-computed numbers; every fast path (numba, loop,
+parallel, Triton under its interpreter, chunked) against the oracle in value and
+gradient; the dispatcher; CUDA paths where CUDA is."""
 
 from __future__ import annotations
 
+import importlib
+import itertools
 import math
 import re
+import typing
 from collections.abc import Callable
 from functools import partial
 
 import pytest
 import torch
 
-from model import ssm
+from model import numba_scan, ssm
+from model.config import ModelConfig
 from model.ssm import (
     SCAN_IMPLS,
     mamba_ssm_available,
+    numba_available,
     resolve_scan_impl,
     selective_scan,
     selective_scan_chunked,
     selective_scan_loop,
+    selective_scan_numba,
+    selective_scan_parallel,
     selective_scan_ref,
+    selective_scan_triton,
+    triton_available,
 )
 from tests.helpers import assert_close
 
@@ -166,33 +176,75 @@ def test_reference_keeps_float64_for_gradcheck():
 # Loop and chunked against the oracle
 # ---------------------------------------------------------------------------------------
 
-# The loop is checked with its default time blocks (one block at these sizes) and with
-# blocks of 1 and 3 steps, so state and adjoint are carried across block boundaries.
-IMPLS = {
+needs_numba = pytest.mark.skipif(not numba_available(), reason="numba not importable: pip install numba")
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not importable: pip install lsnn[triton]")
+
+
+def _loop_blocks(steps: int) -> Callable[[pytest.MonkeyPatch, int], None]:
+    """The loop's time blocks set to ``steps`` steps for a state of b * e * n elements."""
+    return lambda mp, state_elems: mp.setattr(ssm, "_BLOCK_ELEMS", steps * state_elems)
+
+
+def _triton_interpreted(mp: pytest.MonkeyPatch, state_elems: int) -> None:
+    """Triton's interpreter on the CPU, with chunks of 8 steps: chunk boundaries are
+    crossed at l = 17 and 130, and the interpreter walks fewer padded steps.
+
+    TRITON_INTERPRET is set at collection (tests/model/conftest.py) where CUDA is absent."""
+    triton_scan = importlib.import_module("model.triton_scan")
+    if not triton_scan.INTERPRETED:
+        pytest.skip("Triton compiles in this process (TRITON_INTERPRET unset, or CUDA present): "
+                    "the CUDA variants test the kernel")
+    mp.setattr(triton_scan, "CHUNK", 8)
+
+
+# name -> (scan, set-up of its blocking). The loop is checked with its default time blocks
+# (one block at these sizes) and with blocks of 1 and 3 steps, so state and adjoint are
+# carried across block boundaries; numba with one channel a block (partial sums carried
+# across blocks) and with three threads' partial sums, whatever the machine has.
+IMPLS: dict[str, tuple[ScanFn, Callable[[pytest.MonkeyPatch, int], None] | None]] = {
+    "numba": (selective_scan_numba, None),
+    "numba_block1": (selective_scan_numba, lambda mp, _: mp.setattr(numba_scan, "_BLOCK_ELEMS", 1)),
+    "numba_parts3": (selective_scan_numba, lambda mp, _: mp.setattr(numba_scan, "_parts", lambda k: min(k, 3))),
     "loop": (selective_scan_loop, None),
-    "loop_block1": (selective_scan_loop, 1),
-    "loop_block3": (selective_scan_loop, 3),
+    "loop_block1": (selective_scan_loop, _loop_blocks(1)),
+    "loop_block3": (selective_scan_loop, _loop_blocks(3)),
+    "parallel": (selective_scan_parallel, None),
+    "triton": (selective_scan_triton, _triton_interpreted),
     "chunked": (selective_scan_chunked, None),
     "chunked_5": (partial(selective_scan_chunked, chunk_size=5), None),
 }
+_MARKS = {name: [needs_numba] for name in IMPLS if name.startswith("numba")} | {"triton": [needs_triton]}
+
+
+def impl_params(names: list[str]) -> list:
+    """``names`` as parameters, each with the skip its library needs."""
+    return [pytest.param(name, marks=_MARKS.get(name, [])) for name in names]
+
+
+# The Triton interpreter takes seconds a scan: the default grid runs it at l in {1, 17}
+# (and 130 below); every length runs under -m slow.
+CPU_FAST = [name for name in IMPLS if name != "triton"]
 
 
 @pytest.fixture
 def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Callable[..., ScanFn]:
-    """The scan named by the test's ``impl_name``, with the loop's time block set for a
-    state of b * e * n elements."""
-    fn, block_steps = IMPLS[request.getfixturevalue("impl_name")]
+    """The scan named by the test's ``impl_name``, set up for a state of b * e * n elements."""
+    fn, setup = IMPLS[request.getfixturevalue("impl_name")]
 
     def for_state(state_elems: int) -> ScanFn:
-        if block_steps is not None:
-            monkeypatch.setattr(ssm, "_BLOCK_ELEMS", block_steps * state_elems)
+        if setup is not None:
+            setup(monkeypatch, state_elems)
         return fn
 
     return for_state
 
 
-@pytest.mark.parametrize("impl_name", list(IMPLS))
-@pytest.mark.parametrize("l", [1, 17, 64, 130])
+GRID = [(name, l) for name in CPU_FAST for l in (1, 17, 64, 130)] + [("triton", 1), ("triton", 17)]
+
+
+@pytest.mark.parametrize(
+    ("impl_name", "l"), [pytest.param(name, l, marks=_MARKS.get(name, [])) for name, l in GRID]
+)
 @pytest.mark.parametrize("kind", ["variable", "constant", "grouped"])
 @pytest.mark.parametrize("options", [ALL_OPTIONS, NO_OPTIONS], ids=["all_options", "no_options"])
 def test_fast_scans_match_reference_in_value_and_gradient(impl, impl_name, l, kind, options):
@@ -202,7 +254,29 @@ def test_fast_scans_match_reference_in_value_and_gradient(impl, impl_name, l, ki
     assert_matches_reference(impl(b * e * n), inputs, **flags)
 
 
-@pytest.mark.parametrize("impl_name", ["loop_block3", "chunked_5"])
+def _triton_long_cases() -> list:
+    """l in {64, 130} x kinds x options for Triton; one case in the default suite, the rest
+    under -m slow (seconds each in the interpreter)."""
+    cases = []
+    for l, kind, (options_id, options) in itertools.product(
+        (64, 130), ("variable", "constant", "grouped"), (("all", ALL_OPTIONS), ("none", NO_OPTIONS))
+    ):
+        default = (l, kind, options_id) == (130, "grouped", "all")
+        marks = [needs_triton] + ([] if default else [pytest.mark.slow])
+        cases.append(pytest.param(l, kind, options, id=f"l{l}-{kind}-{options_id}", marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize(("l", "kind", "options"), _triton_long_cases())
+@pytest.mark.parametrize("impl_name", ["triton"])
+def test_triton_matches_reference_across_many_chunks(impl, impl_name, l, kind, options):
+    b, e, n = 2, 4, 3
+    tensors, flags = split_options(options)
+    inputs = make_inputs(b, e, n, l, kind, kind, seed=l, **tensors)
+    assert_matches_reference(impl(b * e * n), inputs, **flags)
+
+
+@pytest.mark.parametrize("impl_name", impl_params(["numba_block1", "loop_block3", "parallel", "triton", "chunked_5"]))
 @pytest.mark.parametrize(
     ("B_kind", "C_kind"),
     [("constant", "variable"), ("variable", "grouped"), ("grouped", "constant")],
@@ -213,7 +287,7 @@ def test_fast_scans_match_reference_with_mixed_B_and_C_kinds(impl, impl_name, B_
     assert_matches_reference(impl(b * e * n), inputs, delta_softplus=True, return_last_state=True)
 
 
-@pytest.mark.parametrize("impl_name", ["loop_block3", "chunked_5"])
+@pytest.mark.parametrize("impl_name", impl_params(["numba", "loop_block3", "parallel", "triton", "chunked_5"]))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["variable", "grouped"])
 def test_low_precision_fast_scans_match_reference_on_the_same_inputs(impl, impl_name, dtype, kind):
@@ -227,7 +301,7 @@ WIDE_OPTIONS = [NO_OPTIONS, ALL_OPTIONS] + [{**NO_OPTIONS, k: True} for k in ALL
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl_name", list(IMPLS))
+@pytest.mark.parametrize("impl_name", impl_params(list(IMPLS)))
 @pytest.mark.parametrize("l", [1, 2, 63, 65, 300])
 @pytest.mark.parametrize("B_kind", ["variable", "constant", "grouped"])
 @pytest.mark.parametrize("C_kind", ["variable", "constant", "grouped"])
@@ -241,11 +315,17 @@ def test_fast_scans_match_reference_over_the_wide_grid(impl, impl_name, l, B_kin
 
 @pytest.mark.parametrize(
     ("name", "fn"),
-    [("loop", selective_scan_loop), ("chunked", partial(selective_scan_chunked, chunk_size=3))],
+    [
+        pytest.param("numba", selective_scan_numba, marks=needs_numba),
+        ("loop", selective_scan_loop),
+        ("parallel", selective_scan_parallel),
+        ("chunked", partial(selective_scan_chunked, chunk_size=3)),
+    ],
 )
 @pytest.mark.parametrize(("B_kind", "C_kind"), [("grouped", "variable"), ("constant", "grouped")])
 def test_fast_scan_gradients_pass_float64_gradcheck(monkeypatch, name, fn, B_kind, C_kind):
-    monkeypatch.setattr(ssm, "_BLOCK_ELEMS", 2 * 2 * 4 * 2)  # blocks of 2 steps
+    monkeypatch.setattr(ssm, "_BLOCK_ELEMS", 2 * 2 * 4 * 2)  # loop: blocks of 2 steps
+    monkeypatch.setattr(numba_scan, "_BLOCK_ELEMS", 3 * 7 * 2)  # numba: blocks of 3 channels
     inputs = make_inputs(2, 4, 2, 7, B_kind, C_kind)
     args = [v.detach().double().requires_grad_() for v in inputs.values()]
 
@@ -256,30 +336,44 @@ def test_fast_scan_gradients_pass_float64_gradcheck(monkeypatch, name, fn, B_kin
 
 
 @pytest.mark.parametrize(
+    ("name", "fn"),
+    [
+        ("chunked", selective_scan_chunked),
+        ("parallel", selective_scan_parallel),
+        pytest.param("numba", selective_scan_numba, marks=needs_numba),
+    ],
+)
+@pytest.mark.parametrize(
     ("regime", "A_scale", "delta_scale"),
     [("slow_decay", 0.01, 0.05), ("fast_decay", 16.0, 4.0)],
 )
-def test_long_sequence_chunked_stays_finite_and_matches_loop(regime, A_scale, delta_scale):
+def test_long_sequence_fast_scans_stay_finite_and_match_loop(name, fn, regime, A_scale, delta_scale):
     # fast_decay: within a chunk the cumulative log-decay reaches about -4000. Computing the
-    # decay between s and t as exp(S_t) * exp(-S_s) would give inf * 0 = NaN there.
+    # decay between s and t as exp(S_t) * exp(-S_s) would give inf * 0 = NaN there; the
+    # parallel scan's products of 2048 decays underflow to 0, which must stay harmless.
     b, e, n, l = 1, 8, 4, 2048
     inputs = make_inputs(b, e, n, l, "variable", "variable", D=False, z=False, delta_bias=False)
     with torch.no_grad():
         inputs["A"].mul_(A_scale / inputs["A"].abs().max())
         inputs["delta"].mul_(delta_scale / 0.5)
-    chunked, chunked_grads = run(selective_scan_chunked, inputs, return_last_state=True)
+    fast, fast_grads = run(fn, inputs, return_last_state=True)
     loop, loop_grads = run(selective_scan_loop, inputs, return_last_state=True)
-    for name, a, b_ in [("out", chunked[0], loop[0]), ("last", chunked[1], loop[1])]:
-        assert a.isfinite().all(), f"{regime}: chunked {name} is not finite"
-        assert_close(a, b_, scale=4, msg=f"{regime} {name}")
-    for name, grad in chunked_grads.items():
-        assert grad.isfinite().all(), f"{regime}: chunked d{name} is not finite"
-        assert_close(grad, loop_grads[name], scale=4 * GRAD_SCALE, msg=f"{regime} d{name}")
+    for part, a, b_ in [("out", fast[0], loop[0]), ("last", fast[1], loop[1])]:
+        assert a.isfinite().all(), f"{regime}: {name} {part} is not finite"
+        assert_close(a, b_, scale=4, msg=f"{regime} {part}")
+    for part, grad in fast_grads.items():
+        assert grad.isfinite().all(), f"{regime}: {name} d{part} is not finite"
+        assert_close(grad, loop_grads[part], scale=4 * GRAD_SCALE, msg=f"{regime} d{part}")
 
 
-def test_loop_gradient_reaches_inputs_through_the_last_state_only():
+@pytest.mark.parametrize(
+    "fn",
+    [selective_scan_loop, selective_scan_parallel, pytest.param(selective_scan_numba, marks=needs_numba)],
+    ids=["loop", "parallel", "numba"],
+)
+def test_gradient_reaches_inputs_through_the_last_state_only(fn):
     inputs = make_inputs(1, 2, 2, 5, "variable", "variable", D=False, z=False, delta_bias=False)
-    _, last = selective_scan_loop(**inputs, return_last_state=True)
+    _, last = fn(**inputs, return_last_state=True)
     (du,) = torch.autograd.grad(last.sum(), [inputs["u"]])
     _, ref_last = selective_scan_ref(**inputs, return_last_state=True)
     (ref_du,) = torch.autograd.grad(ref_last.sum(), [inputs["u"]])
@@ -292,7 +386,11 @@ def test_loop_gradient_reaches_inputs_through_the_last_state_only():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan_loop, selective_scan_chunked])
+@pytest.mark.parametrize(
+    "fn",
+    [selective_scan_ref, selective_scan_numba, selective_scan_loop, selective_scan_parallel,
+     selective_scan_triton, selective_scan_chunked],
+)
 def test_mismatched_shapes_are_rejected_naming_them(fn):
     inputs = make_inputs(2, 6, 3, 5, "grouped", "variable", groups=4)  # 6 channels, 4 groups
     with pytest.raises(ValueError, match=r"B \(2, 4, 3, 5\) fits none of"):
@@ -338,22 +436,53 @@ def test_cuda_impl_on_cpu_tensors_raises_saying_how_to_fix():
         assert part in message, f"{part!r} missing from: {message}"
 
 
-def test_auto_on_cpu_resolves_to_loop():
+def test_auto_on_cpu_resolves_to_numba_else_loop(monkeypatch):
+    expected = "numba" if numba_available() else "loop"
+    assert resolve_scan_impl(torch.zeros(1, 2, 3), "auto") == expected
+    monkeypatch.setattr(ssm, "numba_available", lambda: False)
     assert resolve_scan_impl(torch.zeros(1, 2, 3), "auto") == "loop"
 
 
-@pytest.mark.parametrize("impl_name", ["loop", "chunked", "ref"])
+def test_config_offers_exactly_the_scan_impls():
+    hint = typing.get_type_hints(ModelConfig)["scan_impl"]
+    assert typing.get_args(hint) == SCAN_IMPLS
+    for name in SCAN_IMPLS:
+        assert ModelConfig(scan_impl=name).scan_impl == name
+
+
+def test_numba_impl_without_numba_raises_saying_how_to_fix(monkeypatch):
+    monkeypatch.setattr(ssm, "numba_available", lambda: False)
+    with pytest.raises(ValueError, match=r"needs numba.*pip install numba.*--scan-impl loop"):
+        resolve_scan_impl(torch.zeros(1, 2, 3), "numba")
+
+
+@needs_triton
+def test_triton_impl_on_cpu_without_the_interpreter_raises_saying_how_to_fix(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"--scan-impl triton runs on CUDA.*TRITON_INTERPRET=1.*numba or loop"):
+        resolve_scan_impl(torch.zeros(1, 2, 3), "triton")
+
+
+def test_triton_impl_without_triton_raises_saying_how_to_fix(monkeypatch):
+    monkeypatch.setattr(ssm, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match=r"needs Triton.*pip install lsnn\[triton\].*--scan-impl parallel"):
+        resolve_scan_impl(torch.zeros(1, 2, 3), "triton")
+
+
+@pytest.mark.parametrize("impl_name", impl_params(["numba", "loop", "parallel", "chunked", "ref"]))
 def test_dispatcher_runs_the_named_impl(impl_name):
-    direct = {"loop": selective_scan_loop, "chunked": selective_scan_chunked, "ref": selective_scan_ref}
+    direct = {"numba": selective_scan_numba, "loop": selective_scan_loop, "parallel": selective_scan_parallel,
+              "chunked": selective_scan_chunked, "ref": selective_scan_ref}
     inputs = make_inputs(2, 4, 3, 9, "variable", "grouped")
     via, via_last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, impl=impl_name)
     out, last = direct[impl_name](**inputs, delta_softplus=True, return_last_state=True)
     assert torch.equal(via, out) and torch.equal(via_last, last)
 
 
-def test_auto_dispatch_on_cpu_equals_loop():
+def test_auto_dispatch_on_cpu_equals_the_resolved_impl():
     inputs = make_inputs(2, 4, 3, 9, "variable", "variable")
-    assert torch.equal(selective_scan(**inputs), selective_scan_loop(**inputs))
+    expected = selective_scan_numba if numba_available() else selective_scan_loop
+    assert torch.equal(selective_scan(**inputs), expected(**inputs))
 
 
 # ---------------------------------------------------------------------------------------
@@ -362,9 +491,19 @@ def test_auto_dispatch_on_cpu_equals_loop():
 
 
 @pytest.mark.gpu
-def test_auto_on_cuda_picks_the_kernel_when_installed_else_chunked():
-    expected = "cuda" if mamba_ssm_available() else "chunked"
-    assert resolve_scan_impl(torch.zeros(1, 2, 3, device="cuda"), "auto") == expected
+def test_auto_on_cuda_picks_mamba_ssm_else_triton_else_parallel(monkeypatch):
+    expected = "cuda" if mamba_ssm_available() else "triton" if triton_available() else "parallel"
+    u = torch.zeros(1, 2, 3, device="cuda")
+    assert resolve_scan_impl(u, "auto") == expected
+    monkeypatch.setattr(ssm, "mamba_ssm_available", lambda: False)
+    monkeypatch.setattr(ssm, "triton_available", lambda: False)
+    assert resolve_scan_impl(u, "auto") == "parallel"
+
+
+@pytest.mark.gpu
+def test_numba_impl_on_cuda_tensors_raises_saying_how_to_fix():
+    with pytest.raises(ValueError, match=r"--scan-impl numba runs on the CPU.*triton or parallel"):
+        resolve_scan_impl(torch.zeros(1, 2, 3, device="cuda"), "numba")
 
 
 @pytest.mark.gpu
@@ -375,12 +514,26 @@ def test_cuda_impl_without_mamba_ssm_raises_saying_how_to_fix(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("l", [1, 17, 130])
+@pytest.mark.parametrize(
+    "fn",
+    [selective_scan_chunked, selective_scan_parallel, pytest.param(selective_scan_triton, marks=needs_triton)],
+    ids=["chunked", "parallel", "triton"],
+)
+@pytest.mark.parametrize("l", [1, 17, 130, 512])
 @pytest.mark.parametrize("kind", ["variable", "constant", "grouped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_on_cuda_matches_reference(exact_fp32_cuda, l, kind, dtype):
+def test_plain_torch_and_triton_scans_on_cuda_match_reference(exact_fp32_cuda, fn, l, kind, dtype):
     inputs = make_inputs(2, 8, 4, l, kind, kind, dtype=dtype, device="cuda")
-    assert_matches_reference(selective_scan_chunked, inputs, delta_softplus=True, return_last_state=True)
+    assert_matches_reference(fn, inputs, delta_softplus=True, return_last_state=True)
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize(("b", "e", "n", "l"), [(4, 512, 16, 256), (2, 96, 32, 1000)])
+def test_triton_on_cuda_matches_reference_at_model_sizes(exact_fp32_cuda, b, e, n, l):
+    # many programs, several chunks, a d_state of 32, a length that is not a multiple of the chunk
+    inputs = make_inputs(b, e, n, l, "variable", "variable", dtype=torch.float32, device="cuda")
+    assert_matches_reference(selective_scan_triton, inputs, scale=4.0, delta_softplus=True, return_last_state=True)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,276 @@
+"""The selective scan's CPU kernel: one fused pass per token, compiled with numba.
+
+    x_t = a_t * x_{t-1} + dt_t u_t B_t,   a_t = exp(dt_t A)      (per channel, state n)
+    y_t = <x_t, C_t>
+
+``numba_scan`` is the core of ``model.ssm.selective_scan_numba``; ``model.ssm``'s
+``selective_scan_ref`` is its oracle. Each channel's state lives in a short local vector
+for the whole sequence, so the forward writes only y (b e l) and the last state: nothing
+of size (b e n l) is kept for the backward. The backward recomputes each channel's states
+into a per-thread (l n) buffer, then runs the adjoint g_t = dL/dx_t backwards, from which
+every gradient follows in the same pass (as mamba-ssm's kernel recomputes its states).
+
+Why numba: the scan is a chain of tiny dependent steps, about 12 torch kernels per token
+for forward and backward, each a full pass over (b e n). A compiled loop does the whole
+chain in registers. numba is the well-kept way to compile such a loop at run time on a
+machine with only a Python toolchain. Its own ``exp`` is scalar (2 ns an element here,
+torch's vectorised one 0.15 ns), so the decays are computed by torch in cache-sized
+blocks of channels and only read by the kernel.
+
+Shape letters:
+    b  batch
+    e  channels (d_inner); r = b * e channels in one flat index, batch-major
+    n  state size per channel
+    l  sequence length
+    g  groups of channels sharing one B or C; h = e // g channels a group
+    p  threads (partitions of a block of channels)
+    k  channels in one block
+
+B and C reach the kernel as ``rows`` (rows, T, n) with T = l (time-varying) or T = 1
+(constant), and channel (i, j) reads row i * row_batch + j // row_group at time t * t_step.
+Constant (e n) is rows = e, row_batch = 0, row_group = 1, t_step = 0; grouped (b g n l) is
+rows = b g, row_batch = g, row_group = h, t_step = 1; variable (b n l) is grouped with g = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:  # optional at run time: without numba, model.ssm runs the torch loop instead
+    import numba
+except ImportError:  # pragma: no cover - exercised only where numba is absent
+    numba = None
+
+# Elements of one block's decays (k l n): 4 MB of fp32, about the L2 cache of two cores.
+_BLOCK_ELEMS = 1 << 20
+
+# Reassociation (so the n-sums vectorise) and fused multiply-adds, but not fastmath's
+# no-NaN/no-inf assumptions: a non-finite scan must stay non-finite for the guard.
+_FLAGS = {"reassoc", "contract"}
+
+
+def _njit(**options):
+    """numba.njit where numba is installed; elsewhere the plain function, never called."""
+    return numba.njit(**options) if numba is not None else (lambda fn: fn)
+
+
+def available() -> bool:
+    """Whether numba can be imported (the kernel compiles on first use)."""
+    return numba is not None
+
+
+# ---------------------------------------------------------------------------------------
+# The kernels (numpy arrays in, compiled once per dtype and cached on disk)
+# ---------------------------------------------------------------------------------------
+
+
+@_njit(inline="always")
+def _bounds(p: int, parts: int, k: int) -> tuple[int, int]:
+    return p * k // parts, (p + 1) * k // parts
+
+
+@_njit(parallel=True, fastmath=_FLAGS, cache=True, nogil=True)
+def _forward_kernel(u, dt, decay, c0, e, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
+                    y, last, parts):  # pragma: no cover - compiled
+    k, l, n = decay.shape
+    for p in numba.prange(parts):
+        j0, j1 = _bounds(p, parts, k)
+        x = np.zeros(n, dtype=u.dtype)
+        zero = x[0]
+        for j in range(j0, j1):
+            c = c0 + j
+            i = c // e
+            ch = c - i * e
+            rb = i * b_batch + ch // b_group
+            rc = i * c_batch + ch // c_group
+            x[:] = 0
+            for t in range(l):
+                w = dt[c, t] * u[c, t]
+                tb = t * b_step
+                tc = t * c_step
+                acc = zero
+                for m in range(n):
+                    xm = decay[j, t, m] * x[m] + w * Bk[rb, tb, m]
+                    x[m] = xm
+                    acc += xm * Ck[rc, tc, m]
+                y[c, t] = acc
+            last[c, :] = x
+
+
+@_njit(parallel=True, fastmath=_FLAGS, cache=True, nogil=True)
+def _backward_kernel(u, dt, decay, c0, e, A, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
+                     dy, dlast, du, ddt, dA, dB, dC, parts):  # pragma: no cover - compiled
+    k, l, n = decay.shape
+    for p in numba.prange(parts):
+        j0, j1 = _bounds(p, parts, k)
+        xs = np.zeros((l + 1, n), dtype=u.dtype)  # xs[t + 1] = x_t; xs[0] = x_{-1} = 0
+        gs = np.empty((l, n), dtype=u.dtype)  # gs[t] = dL/dx_t
+        zero = xs[0, 0]
+        for j in range(j0, j1):
+            c = c0 + j
+            i = c // e
+            ch = c - i * e
+            rb = i * b_batch + ch // b_group
+            rc = i * c_batch + ch // c_group
+            a_c, u_c, dt_c, dy_c = decay[j], u[c], dt[c], dy[c]  # (l n), (l) ...
+            B_c, C_c, dB_c, dC_c = Bk[rb], Ck[rc], dB[p, rb], dC[p, rc]  # (T n)
+            for t in range(l):  # recompute the states
+                w = dt_c[t] * u_c[t]
+                a_t, b_t, x_prev, x_t = a_c[t], B_c[t * b_step], xs[t], xs[t + 1]
+                for m in range(n):
+                    x_t[m] = a_t[m] * x_prev[m] + w * b_t[m]
+            g_t = gs[l - 1]
+            c_t = C_c[(l - 1) * c_step]
+            for m in range(n):
+                g_t[m] = dlast[c, m] + dy_c[l - 1] * c_t[m]
+            for t in range(l - 2, -1, -1):  # the adjoint, backwards
+                g_next, a_next, g_t, c_t = gs[t + 1], a_c[t + 1], gs[t], C_c[t * c_step]
+                dy_t = dy_c[t]
+                for m in range(n):
+                    g_t[m] = a_next[m] * g_next[m] + dy_t * c_t[m]
+            dA_c = dA[p, ch]
+            A_c = A[ch]
+            for t in range(l):  # every gradient from the adjoint, token by token
+                g_t, a_t, x_prev, x_t = gs[t], a_c[t], xs[t], xs[t + 1]
+                b_t, db_t, dc_t = B_c[t * b_step], dB_c[t * b_step], dC_c[t * c_step]
+                dt_t, u_t, dy_t = dt_c[t], u_c[t], dy_c[t]
+                w = dt_t * u_t
+                # two short loops: as one loop, or as three, this section ran 3x slower
+                # (measured; the compiler's vectorisation and alias checks are fickle here)
+                gB = zero
+                for m in range(n):
+                    gB += g_t[m] * b_t[m]
+                    db_t[m] += g_t[m] * w
+                    dc_t[m] += dy_t * x_t[m]
+                dlogA = zero
+                for m in range(n):
+                    dlog = g_t[m] * a_t[m] * x_prev[m]  # dL/d(dt_t A_m)
+                    dlogA += dlog * A_c[m]
+                    dA_c[m] += dlog * dt_t
+                du[c, t] = gB * dt_t
+                ddt[c, t] = dlogA + gB * u_t
+
+
+# ---------------------------------------------------------------------------------------
+# B and C as rows
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """B or C as (rows, T, n) with the indexing of the module docstring."""
+
+    t: Tensor
+    batch: int
+    group: int
+    step: int
+
+    @staticmethod
+    def of(X: Tensor, b: int, e: int) -> _Rows:
+        if X.dim() == 2:  # (e n)
+            return _Rows(X.contiguous().unsqueeze(1), batch=0, group=1, step=0)
+        if X.dim() == 3:
+            X = X.unsqueeze(1)  # (b 1 n l)
+        g = X.shape[1]
+        rows = X.transpose(-1, -2).reshape(b * g, X.shape[-1], X.shape[-2]).contiguous()  # (bg l n)
+        return _Rows(rows, batch=g, group=e // g, step=1)
+
+    def args(self) -> tuple:
+        return _np(self.t), self.batch, self.group, self.step
+
+    def grad_like(self, grad: Tensor, like: Tensor) -> Tensor:
+        """The kernel's (rows, T, n) gradient in the layout of ``like`` (B or C)."""
+        if like.dim() == 2:
+            return grad.squeeze(1)  # (e n)
+        b, l, n = like.shape[0], like.shape[-1], grad.shape[-1]
+        return grad.view(b, -1, l, n).transpose(-1, -2).reshape(like.shape)  # (b [g] n l)
+
+
+def _parts(k: int) -> int:
+    """Threads for a block of k channels: torch's thread count, at most numba's."""
+    return max(1, min(k, torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _blocks(r: int, l: int, n: int):
+    """Channel blocks [c0, c1) whose decays (k l n) fit in ``_BLOCK_ELEMS``."""
+    k = max(1, _BLOCK_ELEMS // (l * n))
+    return [(c0, min(c0 + k, r)) for c0 in range(0, r, k)]
+
+
+def _decays(dt2: Tensor, A_rows: Tensor, c0: int, c1: int, out: Tensor) -> Tensor:
+    """exp(dt A) for channels [c0, c1): (k l n), written into ``out``'s first k rows."""
+    block = out[: c1 - c0]
+    torch.mul(dt2[c0:c1, :, None], A_rows[c0:c1, None, :], out=block)
+    return block.exp_()
+
+
+def _np(t: Tensor) -> np.ndarray:
+    """The numpy view of a CPU tensor's memory (no copy)."""
+    return t.detach().numpy()
+
+
+class _NumbaScan(torch.autograd.Function):
+    """(u, dt (b e l), A (e n), B, C) -> (y (b e l), x_last (b e n)); all in one dtype."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor):  # type: ignore[override]
+        (b, e, l), n = u.shape, A.shape[1]
+        u2, dt2 = u.reshape(b * e, l).contiguous(), dt.reshape(b * e, l).contiguous()  # (r l)
+        A_rows = A.repeat(b, 1)  # (r n)
+        Br, Cr = _Rows.of(B, b, e), _Rows.of(C, b, e)
+        y, last = u2.new_empty(b * e, l), u2.new_empty(b * e, n)
+        blocks = _blocks(b * e, l, n)
+        buf = u2.new_empty(blocks[0][1], l, n)
+        for c0, c1 in blocks:
+            decay = _decays(dt2, A_rows, c0, c1, buf)
+            _forward_kernel(_np(u2), _np(dt2), _np(decay), c0, e, *Br.args(), *Cr.args(),
+                            _np(y), _np(last), _parts(c1 - c0))
+        ctx.save_for_backward(u, dt, A, B, C)
+        return y.view(b, e, l), last.view(b, e, n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor, dlast: Tensor):  # type: ignore[override]
+        u, dt, A, B, C = ctx.saved_tensors
+        (b, e, l), n = u.shape, A.shape[1]
+        u2, dt2 = u.reshape(b * e, l).contiguous(), dt.reshape(b * e, l).contiguous()
+        A = A.contiguous()
+        A_rows = A.repeat(b, 1)
+        Br, Cr = _Rows.of(B, b, e), _Rows.of(C, b, e)
+        dy2 = dy.to(u.dtype).reshape(b * e, l).contiguous()
+        dlast2 = dlast.to(u.dtype).reshape(b * e, n).contiguous()
+        du, ddt = torch.empty_like(u2), torch.empty_like(u2)
+        blocks = _blocks(b * e, l, n)
+        parts = max(_parts(c1 - c0) for c0, c1 in blocks)
+        # per-thread partial sums: channels of different threads share rows of A, B and C
+        dA_p = u2.new_zeros(parts, e, n)
+        dB_p, dC_p = u2.new_zeros(parts, *Br.t.shape), u2.new_zeros(parts, *Cr.t.shape)
+        buf = u2.new_empty(blocks[0][1], l, n)
+        for c0, c1 in blocks:
+            decay = _decays(dt2, A_rows, c0, c1, buf)
+            _backward_kernel(_np(u2), _np(dt2), _np(decay), c0, e, _np(A), *Br.args(), *Cr.args(),
+                             _np(dy2), _np(dlast2), _np(du), _np(ddt), _np(dA_p), _np(dB_p), _np(dC_p),
+                             _parts(c1 - c0))
+        return (
+            du.view(b, e, l),
+            ddt.view(b, e, l),
+            dA_p.sum(0),
+            Br.grad_like(dB_p.sum(0), B),
+            Cr.grad_like(dC_p.sum(0), C),
+        )
+
+
+def numba_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """y (b e l) and the last state (b e n) of the scan, differentiable in every argument.
+
+    All tensors on the CPU in one dtype (fp32 or fp64); dt is already discretised.
+    """
+    if numba is None:
+        raise RuntimeError("the numba selective scan needs numba: pip install numba, or use --scan-impl loop")
+    if u.device.type != "cpu":
+        raise ValueError(f"the numba selective scan runs on the CPU, but the tensors are on {u.device}")
+    return _NumbaScan.apply(u, dt, A, B, C)
