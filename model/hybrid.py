@@ -201,3 +201,79 @@ class HybridLM(nn.Module):
             counts[component] += p.numel()
         counts["total"] = sum(counts.values())
         return dict(counts)
+
+    # --- decoding (model.generate) -------------------------------------------------------
+    def init_state(self, batch: int):
+        """A fresh decoding state for ``batch`` sequences (``model.generate.DecodeState``)."""
+        from model.generate import init_state
+
+        return init_state(self, batch)
+
+    def prefill(self, tokens: torch.Tensor, state=None):
+        """Run the prompt ``tokens`` (b l) in one parallel pass; returns its logits (b l v),
+        equal to ``self(tokens)``, and the decoding state after it. With a ``state`` that has
+        seen tokens, continues from it token by token."""
+        from model.generate import advance
+
+        state = self.init_state(tokens.shape[0]) if state is None else state
+        return advance(self, tokens, state), state
+
+    def step(self, token: torch.Tensor, state) -> torch.Tensor:
+        """Feed one token per sequence (b,); returns the next-token logits (b v) and moves
+        ``state`` on by one token, at a cost that does not grow with the length (the
+        cross-attention's KV cache aside)."""
+        from model.generate import advance
+
+        if token.dim() != 1:
+            raise ValueError(f"step takes one token per sequence, shape (batch,), got {tuple(token.shape)}")
+        return advance(self, token[:, None], state)[:, 0]
+
+    # --- export ----------------------------------------------------------------------------
+    WEIGHTS_FILE = "model.safetensors"
+    CONFIG_FILE = "config.json"
+
+    def save_pretrained(self, directory) -> None:
+        """Write ``directory/model.safetensors`` and ``directory/config.json``
+        (``ModelConfig.to_dict``). A tied head is the embedding: safetensors refuses
+        shared tensors, so it is saved once and re-tied by ``from_pretrained``."""
+        import json
+        import os
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        if self.cfg.tie_embeddings:
+            del tensors["head.weight"]
+        for name, write in ((self.WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+                            (self.CONFIG_FILE, lambda p: Path(p).write_text(
+                                json.dumps(self.cfg.to_dict(), indent=2, default=str)))):
+            tmp = out / f".{name}.tmp"
+            write(str(tmp))
+            os.replace(tmp, out / name)  # a reader never sees a half-written file
+
+    @classmethod
+    def from_pretrained(cls, directory, device: str | torch.device = "cpu") -> HybridLM:
+        """The model ``save_pretrained`` wrote into ``directory``, in eval mode."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        root = Path(directory)
+        paths = [root / cls.CONFIG_FILE, root / cls.WEIGHTS_FILE]
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such file; pass a directory written by "
+                                        "HybridLM.save_pretrained or `lsnn export`")
+        model = cls(ModelConfig.from_dict(json.loads(paths[0].read_text())))
+        tensors = load_file(str(paths[1]))
+        if model.cfg.tie_embeddings and "head.weight" not in tensors and "embedding.weight" in tensors:
+            tensors["head.weight"] = tensors["embedding.weight"]
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as e:  # missing/unexpected keys or shapes: say which file
+            raise ValueError(f"{paths[1]} does not fit {paths[0]}: {e}") from e
+        return model.to(device).eval()
