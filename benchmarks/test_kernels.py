@@ -7,7 +7,13 @@ import torch
 
 from model.liquid import CfCCell, cfc_sequence_fused, cfc_sequence_ref
 from model.spiking import lif, lif_ref
-from model.ssm import selective_scan_loop, selective_scan_ref
+from model.ssm import (
+    numba_available,
+    selective_scan_loop,
+    selective_scan_numba,
+    selective_scan_parallel,
+    selective_scan_ref,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +31,15 @@ def _fwd_bwd(fn, *inputs):
     return run
 
 
-@pytest.mark.parametrize("impl", ["loop", "ref"])
+SCANS = {"numba": selective_scan_numba, "loop": selective_scan_loop, "parallel": selective_scan_parallel,
+         "ref": selective_scan_ref}
+
+
+@pytest.mark.parametrize(
+    "impl",
+    [pytest.param("numba", marks=pytest.mark.skipif(not numba_available(), reason="numba not importable")),
+     "loop", "parallel", "ref"],
+)
 @pytest.mark.parametrize("length", [64, 256])
 def test_selective_scan(benchmark, impl, length):
     benchmark.group = f"selective scan b4 e512 n16 l{length}"
@@ -36,8 +50,8 @@ def test_selective_scan(benchmark, impl, length):
     A = -torch.rand(e, n, generator=g).add(0.5).requires_grad_()
     B = torch.randn(b, n, length, generator=g, requires_grad=True)
     C = torch.randn(b, n, length, generator=g, requires_grad=True)
-    fn = {"loop": selective_scan_loop, "ref": selective_scan_ref}[impl]
-    benchmark.pedantic(_fwd_bwd(fn, u, delta, A, B, C), rounds=10 if impl == "ref" else 30, warmup_rounds=1)
+    benchmark.pedantic(_fwd_bwd(SCANS[impl], u, delta, A, B, C), rounds=10 if impl == "ref" else 30,
+                       warmup_rounds=1)
 
 
 @pytest.mark.parametrize("impl", ["fused", "ref"])

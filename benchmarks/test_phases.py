@@ -1,13 +1,22 @@
 """Time per optimizer step (forward, loss, backward, AdamW) for the four phases of the
-users' plan, beside a same-width causal ``nn.TransformerEncoder`` LM.
+users' plan, beside a same-width causal ``nn.TransformerEncoder`` LM; peak step memory;
+the ratio's scaling with sequence length.
 
 Run: ``pytest benchmarks --benchmark-only``. Compare the rows of one group within one
-run (these machines are shared; absolute times drift, ratios hold). Inputs are built in
+run (these machines are shared; absolute times drift, ratios hold): every ratio quoted
+comes from ``bench_paired``, which times both steps in every round. Inputs are built in
 fixtures; only the step is timed. On CUDA the step is synchronised inside the timed call.
+
+Two environment variables widen the runs (``scripts/gpu-check`` sets both on a GPU):
+``LSNN_BENCH_AMP=bf16`` runs every phase, hybrid and Transformer, under bf16 autocast;
+``LSNN_BENCH_SCAN_IMPLS=parallel,triton`` times the hybrid with each named selective-scan
+implementation (default: auto only).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import statistics
 import time
 
@@ -21,6 +30,8 @@ from stability.config import GuardConfig, PlasticityConfig, TrainConfig
 from stability.trainer import Trainer, lm_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+AMP = os.environ.get("LSNN_BENCH_AMP", "")
+SCAN_IMPLS = [s for s in os.environ.get("LSNN_BENCH_SCAN_IMPLS", "auto").split(",") if s]
 
 
 @pytest.fixture(autouse=True)
@@ -30,15 +41,23 @@ def _flush_denormals():
     torch.set_flush_denormal(True)
     yield
     torch.set_flush_denormal(False)
+
+
 VOCAB = 8192
+
+
 def _fields(cls, preset):
     return {k: v for k, v in preset.items() if k in cls.__dataclass_fields__}
 
 
-def phase_configs(phase: int) -> tuple[ModelConfig, TrainConfig, PlasticityConfig]:
+def phase_configs(phase: int, length: int | None = None) -> tuple[ModelConfig, TrainConfig, PlasticityConfig]:
     """The phase's model, training and plasticity settings (continual learning acts
-    between tasks, not inside a step)."""
-    preset = PHASES[phase]
+    between tasks, not inside a step), optionally at another sequence length."""
+    preset = dict(PHASES[phase])
+    if length is not None:
+        preset["sequence_length"] = length
+    if AMP:
+        preset.update(mixed_precision=True, amp_dtype=AMP)
     model = ModelConfig(vocab_size=VOCAB, **_fields(ModelConfig, preset))
     return model, TrainConfig(**_fields(TrainConfig, preset)), PlasticityConfig(**_fields(PlasticityConfig, preset))
 
@@ -74,11 +93,14 @@ def _batch(train: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _amp(train: TrainConfig) -> torch.dtype | None:
-    return torch.bfloat16 if train.mixed_precision else None
+    if not train.mixed_precision:
+        return None
+    return torch.float16 if train.amp_dtype == "fp16" else torch.bfloat16
 
 
-def hybrid_step(phase: int, guard: bool = True):
-    model_cfg, train, plasticity = phase_configs(phase)
+def hybrid_step(phase: int, guard: bool = True, scan_impl: str = "auto", length: int | None = None):
+    model_cfg, train, plasticity = phase_configs(phase, length)
+    model_cfg = dataclasses.replace(model_cfg, scan_impl=scan_impl)
     torch.manual_seed(0)
     model = HybridLM(model_cfg).to(DEVICE)
     trainer = Trainer(model, train, GuardConfig(guard=guard), DEVICE, total_steps=10_000, amp_dtype=_amp(train),
@@ -92,8 +114,8 @@ def hybrid_step(phase: int, guard: bool = True):
     return step, train
 
 
-def transformer_step(phase: int):
-    model_cfg, train, _ = phase_configs(phase)
+def transformer_step(phase: int, length: int | None = None):
+    model_cfg, train, _ = phase_configs(phase, length)
     torch.manual_seed(0)
     model = TransformerLM(VOCAB, model_cfg.hidden_dim, model_cfg.num_layers, train.sequence_length).to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -120,26 +142,30 @@ def _bench(benchmark, make, phase: int, rounds: int) -> None:
     benchmark.extra_info["tokens_per_step"] = tokens
     benchmark.extra_info["tokens_per_s"] = tokens / benchmark.stats.stats.median
     benchmark.extra_info["device"] = str(DEVICE)
+    benchmark.extra_info["amp"] = AMP or "off"
 
 
 ROUNDS = {1: 60, 2: 30, 3: 8, 4: 5}
+PAIRED_ROUNDS = {1: 150, 2: 60, 3: 16, 4: 10}
 
-
-STEPS = {"hybrid": hybrid_step, "transformer": transformer_step}
+STEPS = {"transformer": transformer_step} | {
+    "hybrid" if impl == "auto" else f"hybrid-{impl}": (lambda p, impl=impl: hybrid_step(p, scan_impl=impl))
+    for impl in SCAN_IMPLS
+}
 
 
 # phase-major, so each pair is timed back to back with the same memory history
-@pytest.mark.parametrize("phase,model", [(p, m) for p in (1, 2, 3, 4) for m in ("transformer", "hybrid")])
+@pytest.mark.parametrize("phase,model", [(p, m) for p in (1, 2, 3, 4) for m in STEPS])
 def test_step(benchmark, phase, model):
     benchmark.group = f"phase {phase} step"
     _bench(benchmark, STEPS[model], phase, ROUNDS[phase])
 
 
-def bench_paired(benchmark, a, b, rounds: int) -> tuple[float, float, float]:
+def bench_paired(benchmark, a, b, rounds: int, warmup: int = 5) -> tuple[float, float, float]:
     """Time ``a`` and ``b`` back to back in every round, alternating which goes first, and
     return the quartiles (q1, median, q3) of the per-round ratios a/b: machine drift hits
     both alike, unlike two separately timed groups."""
-    for _ in range(5):
+    for _ in range(warmup):
         a()
         b()
     ratios: list[float] = []
@@ -159,8 +185,55 @@ def bench_paired(benchmark, a, b, rounds: int) -> tuple[float, float, float]:
     return q1, median, q3
 
 
-def test_phase1_paired_ratio(benchmark):
-    """Hybrid step / Transformer step at the phase-1 shape, paired round by round."""
-    benchmark.group = "phase 1, paired"
-    q1, median, q3 = bench_paired(benchmark, hybrid_step(1)[0], transformer_step(1)[0], rounds=150)
-    benchmark.extra_info.update(hybrid_over_transformer_median=median, quartiles=[q1, q3])
+def peak_step_memory(step) -> int:
+    """Bytes of tensors alive at the peak of one ``step``, parameters and optimizer state
+    included: ``max_memory_allocated`` on CUDA; on the CPU the profiler's memory timeline
+    (slow, seconds, so it runs once, after the timed rounds)."""
+    step()  # lazy state (optimizer moments) exists before the measured step
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return torch.cuda.max_memory_allocated()
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    return max(sum(s) for s in sizes)
+
+
+@pytest.mark.parametrize("scan_impl", SCAN_IMPLS)
+@pytest.mark.parametrize("phase", [1, 2, 3, 4])
+def test_paired_ratio(benchmark, phase, scan_impl):
+    """Hybrid step / Transformer step at the phase's shape, paired round by round, and the
+    two steps' peak memory."""
+    benchmark.group = f"phase {phase}, paired" + ("" if scan_impl == "auto" else f", scan {scan_impl}")
+    hybrid, train = hybrid_step(phase, scan_impl=scan_impl)
+    transformer, _ = transformer_step(phase)
+    q1, median, q3 = bench_paired(benchmark, hybrid, transformer, rounds=PAIRED_ROUNDS[phase])
+    mem_h, mem_t = peak_step_memory(hybrid), peak_step_memory(transformer)
+    benchmark.extra_info.update(
+        hybrid_over_transformer_median=median, quartiles=[q1, q3], device=str(DEVICE), amp=AMP or "off",
+        tokens_per_step=train.batch_size * train.sequence_length,
+        peak_mb_hybrid=mem_h / 2**20, peak_mb_transformer=mem_t / 2**20, peak_memory_ratio=mem_h / mem_t,
+    )
+
+
+SCALING_ROUNDS = {64: 12, 128: 10, 256: 8, 512: 6, 1024: 4, 2048: 3}
+
+
+@pytest.mark.parametrize("length", list(SCALING_ROUNDS))
+@pytest.mark.parametrize("phase", [1, 3])
+def test_scaling(benchmark, phase, length):
+    """The paired ratio at the phase's width and depth over sequence lengths: linear
+    recurrences against quadratic attention."""
+    benchmark.group = f"phase {phase} shape, scaling"
+    hybrid, train = hybrid_step(phase, length=length)
+    transformer, _ = transformer_step(phase, length=length)
+    q1, median, q3 = bench_paired(benchmark, hybrid, transformer, rounds=SCALING_ROUNDS[length], warmup=1)
+    benchmark.extra_info.update(
+        length=length, hybrid_over_transformer_median=median, quartiles=[q1, q3], device=str(DEVICE),
+        tokens_per_step=train.batch_size * length,
+    )
