@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     drill.add_argument("--tolerance", type=float, default=0.25,
                        help="a fault is survived if the final validation loss is within this fraction "
                             "(of max(1, control loss)) above the clean control's (default: 0.25)")
+    _add_use_commands(sub)
     return parser
 
 
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in USE_COMMANDS:
+        return use_command(args)
     try:
         # everything that can be wrong with the input is found here, before any write
         spec = resolve(args)
@@ -171,6 +174,111 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lsnn {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return job.fit()
+
+
+# --- using what a run trained: sample, eval, export, report ------------------------------
+
+USE_COMMANDS: tuple[str, ...] = ("sample", "eval", "export", "report")
+
+
+def _number(kind: type, low: float, what: str):
+    """An argparse type: ``kind`` (int or float), finite and >= ``low``; the error names the rule."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not (value >= low and value - value == 0):  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return parse
+
+
+def _add_use_commands(sub) -> None:
+    def common(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+        p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="the --output-dir of a `lsnn train` run")
+        if checkpoint:
+            p.add_argument("--checkpoint", choices=("best", "last"), default=None,
+                           help="checkpoints/best.pt (lowest validation loss) or last.pt "
+                                "(default: best if the run has one, else last)")
+
+    sample = sub.add_parser("sample", help="generate text from a trained run",
+                            description="Continue --prompt with the run's model and tokenizer, printing each "
+                            "piece of text as soon as it is generated. Each new token costs one recurrent step.")
+    common(sample)
+    sample.add_argument("--prompt", default="", help="text to continue (default: empty, a new document)")
+    sample.add_argument("--max-new-tokens", type=_number(int, 1, "a positive integer"), default=200,
+                        help="tokens to generate at most; stops early at the end-of-document token (default: 200)")
+    sample.add_argument("--temperature", type=_number(float, 0, "a finite number >= 0"), default=0.8,
+                        help="softmax temperature; 0 is greedy (default: 0.8)")
+    sample.add_argument("--top-k", type=_number(int, 0, "an integer >= 0"), default=40,
+                        help="draw from the K most likely tokens only; 0: from all (default: 40)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the draws: a seed repeats its text (default: 0)")
+    sample.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="(default: cpu)")
+    ev = sub.add_parser("eval", help="loss, perplexity and accuracy of a trained run",
+                        description="Evaluate a checkpoint on the run's validation split (rebuilt from its "
+                        "config.json) or on --data, beside the unigram baselines.")
+    common(ev)
+    ev.add_argument("--data", default=None, metavar="PATH",
+                    help="a text file or directory to evaluate on, all of it (default: the run's validation split)")
+    ev.add_argument("--eval-batches", type=_number(int, 1, "a positive integer"), default=None,
+                    help="batches spread evenly over the text (default: the run's --eval-batches, else all)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="(default: cpu)")
+    export = sub.add_parser("export", help="write the model as safetensors + config.json + tokenizer.json",
+                            description="Write OUT/model.safetensors, OUT/config.json and OUT/tokenizer.json, "
+                            "loadable with HybridLM.from_pretrained(OUT) and load_saved_tokenizer(OUT).")
+    common(export)
+    export.add_argument("out", metavar="OUT", type=Path, help="directory to write (created if missing)")
+    report = sub.add_parser("report", help="draw a run's health report (report.png, report.html)",
+                            description="Write RUN_DIR/report.png and a self-contained RUN_DIR/report.html: "
+                            "losses against the unigram baseline, gradient norm and its bands, loss scale, "
+                            "skips and rollbacks, per-block diagnostics and the task matrix.")
+    common(report, checkpoint=False)
+
+
+def use_command(args: argparse.Namespace) -> int:
+    """Run sample, eval, export or report; bad input exits 2 with a message, no traceback."""
+    import json
+
+    from stability.artifacts import ArtifactError, export_run, open_run
+    from stability.data import DataError
+    from stability.evaluation import evaluate_run, format_result
+    from stability.healthreport import ReportError, write_report
+    from stability.sampling import SampleError, generate
+    from stability.trainer import resolve_device
+
+    try:
+        if args.command == "report":
+            png, page = _writing(write_report, args.run_dir)
+            print(f"wrote {png} and {page}")
+            return 0
+        device = resolve_device(getattr(args, "device", "cpu"))  # export: on the CPU
+        art = open_run(args.run_dir, args.checkpoint, device)
+        if args.command == "sample":
+            generate(art.model, art.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                     args.seed, out=sys.stdout)
+        elif args.command == "eval":
+            result = evaluate_run(art, args.data, args.eval_batches, device)
+            print(json.dumps(result, indent=2) if args.json else "\n".join(format_result(result)))
+        else:
+            paths = _writing(export_run, art, args.out)
+            print(f"wrote {', '.join(str(p) for p in paths)} ({art.checkpoint}, step {art.step})")
+    except (ArtifactError, ConfigError, DataError, ReportError, SampleError) as e:
+        print(f"lsnn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _writing(write, *args):
+    """``write(*args)``, an OSError (a read-only or full disk) becoming a message naming the file."""
+    from stability.artifacts import ArtifactError
+
+    try:
+        return write(*args)
+    except OSError as e:
+        raise ArtifactError(f"cannot write {e.filename or args[-1]}: {e.strerror or e}; "
+                            "choose a writable directory") from e
 
 
 if __name__ == "__main__":
