@@ -117,4 +117,7 @@ def export_run(art: RunArtifacts, out: Path) -> list[Path]:
         raise ArtifactError(f"OUT {out} exists and is not a directory; pass a new or existing directory")
     art.model.save_pretrained(out)
     save_tokenizer(art.tokenizer, out)
-    return [out / HybridLM.WEIGHTS_FILE, out / HybridLM.CONFIG_FILE, out / TOKENIZER_FILE]
+    paths = [out / HybridLM.WEIGHTS_FILE, out / HybridLM.CONFIG_FILE, out / TOKENIZER_FILE]
+    for path in paths:
+        path.chmod(0o644)  # an export is meant to be shared; the atomic writers create 0600 temporaries
+    return paths

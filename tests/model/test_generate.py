@@ -117,6 +117,18 @@ def test_decoding_refuses_training_mode_and_a_wrong_batch():
         model.step(torch.zeros(2, 1, dtype=torch.long), model.init_state(2))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", SUBSET[2::3], ids=_id)
+def test_incremental_logits_equal_full_sequence_on_cuda(layout, exact_fp32_cuda):
+    # the full forward takes CUDA's scan (mamba-ssm's kernel, or a parallel scan): the
+    # recurrent step must still agree with it to float rounding
+    model = tiny_hybrid(**layout).eval().cuda()
+    x = tokens(l=20).cuda()
+    with torch.no_grad():
+        full = model(x)
+    assert_close(_stepped(model, x, model.init_state(2)), full, scale=TIGHT, msg=f"cuda, {_id(layout)}")
+
+
 # --- export ---------------------------------------------------------------------------
 
 

@@ -94,7 +94,7 @@ def test_export_is_loadable_with_from_pretrained_and_load_saved_tokenizer(tmp_pa
     net = fake_run(tmp_path / "run", tie_embeddings=tied)
     paths = export_run(open_run(tmp_path / "run"), tmp_path / "out")
     assert [p.name for p in paths] == ["model.safetensors", "config.json", "tokenizer.json"]
-    assert all(p.is_file() for p in paths)
+    assert all(p.is_file() and p.stat().st_mode & 0o777 == 0o644 for p in paths), "readable by others"
     loaded = HybridLM.from_pretrained(tmp_path / "out")
     x = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
