@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import tempfile
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,7 +20,7 @@ from typing import Any, TextIO
 from stability.config import RunSpec
 from stability.faults import Fault, parse_faults
 from stability.reporting import read_records
-from stability.run import EXIT_OK, Run
+from stability.run import EXIT_OK, EXIT_TERMINATED, Run
 
 # Tiny sizes for `--tiny`: the phase's layout and features, at a fraction of the cost.
 TINY = dict(hidden_dim=32, num_layers=2, liquid_units=16, spiking_units=8, liquid_backbone_units=16,
@@ -27,16 +28,19 @@ TINY = dict(hidden_dim=32, num_layers=2, liquid_units=16, spiking_units=8, liqui
 TINY_TRAIN = dict(batch_size=4, sequence_length=32, tokenizer="byte", eval_batches=8)
 
 
-def battery(at: int, plasticity: bool) -> list[str]:
-    """The standard battery, every fault starting at step ``at``."""
+def battery(at: int, plasticity: bool, preemption: bool = False) -> list[str]:
+    """The standard battery, every fault starting at step ``at``; ``preemption`` adds a
+    SIGTERM and a resume (only where this thread can handle the signal)."""
     faults = [
-        f"loss:nan@{at}", f"loss:inf@{at}", f"loss:-inf@{at}", f"loss:spike@{at}",
+        f"loss:nan@{at}", f"loss:inf@{at}", f"loss:-inf@{at}", f"loss:spike@{at}", f"loss:jump@{at}",
         f"grad:nan@{at}", f"grad:inf@{at}", f"grad[blocks.0]:-inf@{at}", f"grad:spike@{at}",
         f"activation[blocks.0]:nan@{at}", f"activation[blocks.0]:inf@{at}",
         f"param:nan@{at}", f"overflow@{at}-{at + 4}",
     ]
     if plasticity:
         faults += [f"plasticity:nan@{at}", f"plasticity:spike@{at}"]
+    if preemption:
+        faults.append(f"sigterm@{at}")
     return faults
 
 
@@ -52,13 +56,23 @@ class Outcome:
     recovered: bool = False
 
 
+def _fit(spec: RunSpec, stream: io.StringIO) -> int:
+    job = Run(spec, stream)
+    job.setup()
+    return job.fit()
+
+
 def _run(spec: RunSpec, out: Path, fault: str | None) -> tuple[int, list[dict[str, Any]], str]:
+    """Train under ``fault``; a preemption (SIGTERM, exit 143) is resumed as a user would."""
     spec = replace(spec, guard=replace(spec.guard, inject_fault=fault),
                    train=replace(spec.train, output_dir=str(out), resume=False, progress="lines"))
     stream = io.StringIO()
-    job = Run(spec, stream)
-    job.setup()
-    code = job.fit()
+    code = _fit(spec, stream)
+    if code == EXIT_TERMINATED and fault and fault.startswith("sigterm@"):
+        stream.write("--- resumed ---\n")
+        code = _fit(replace(spec, guard=replace(spec.guard, inject_fault=None),
+                            train=replace(spec.train, resume=True)), stream)
+        return code, [{"kind": "preempted"}, *read_records(out / "metrics.jsonl")], stream.getvalue()
     return code, read_records(out / "metrics.jsonl"), stream.getvalue()
 
 
@@ -73,7 +87,8 @@ def _outcome(fault: str, code: int, recs: list[dict[str, Any]]) -> Outcome:
         clipped += sum(plasticity["dropped"]) + sum(plasticity["clipped"])
     epochs = [r for r in recs if r["kind"] == "epoch"]
     final = epochs[-1]["val_loss"] if epochs else math.nan
-    detected = bool(skips or rollbacks or clipped)
+    preempted = any(r["kind"] == "preempted" for r in recs)  # stopped, saved, resumed
+    detected = bool(skips or rollbacks or clipped or preempted)
     to_recover = None
     if skips:
         # steps lost to the fault: the skipped ones and those replayed after a rollback
@@ -83,7 +98,7 @@ def _outcome(fault: str, code: int, recs: list[dict[str, Any]]) -> Outcome:
             if s == run_end:
                 run_end += 1
         to_recover = run_end - first + sum(r["step"] - r["to_step"] for r in rollbacks)  # skipped + replayed
-    elif clipped:
+    elif clipped or preempted:
         to_recover = 0
     return Outcome(fault, code, detected, len(skips), len(rollbacks), to_recover, float(final))
 
@@ -97,7 +112,8 @@ def drill(spec: RunSpec, stream: TextIO, tolerance: float = 0.25, keep: Path | N
     spec = replace(spec, train=replace(spec.train, max_steps=steps, log_every=min(spec.train.log_every, 2)),
                    guard=replace(spec.guard, rollback_after=min(spec.guard.rollback_after, 3),
                                  snapshot_every=min(spec.guard.snapshot_every, 4),
-                                 spike_warmup=min(spec.guard.spike_warmup, at - 2)))
+                                 spike_warmup=min(spec.guard.spike_warmup, at - 2),
+                                 loss_spike_warmup=min(spec.guard.loss_spike_warmup, at - 2)))
     plasticity = spec.plasticity.use_stdp
     with tempfile.TemporaryDirectory(prefix="lsnn-drill-") as tmp:
         root = keep or Path(tmp)
@@ -108,7 +124,8 @@ def drill(spec: RunSpec, stream: TextIO, tolerance: float = 0.25, keep: Path | N
             return 1
         control = [r for r in recs if r["kind"] == "epoch"][-1]["val_loss"]
         outcomes = []
-        for i, fault in enumerate(battery(at, plasticity)):
+        preemption = threading.current_thread() is threading.main_thread()  # only it gets the signal
+        for i, fault in enumerate(battery(at, plasticity, preemption)):
             code, recs, text = _run(spec, root / f"fault{i}", fault)
             o = _outcome(fault, code, recs)
             o.recovered = (code == EXIT_OK and o.detected and math.isfinite(o.final_loss)

@@ -62,7 +62,15 @@ from stability.reporting import Reporter
 from stability.scaler import LossScaleError
 from stability.stream import DataStream, Position, TaskData, Window, prepare_data
 from stability.tokenizers import save_tokenizer
-from stability.trainer import Trainer, lm_loss, resolve_amp_dtype, resolve_device
+from stability.trainer import (
+    Trainer,
+    available_memory,
+    estimate_training_bytes,
+    estimate_vocab,
+    lm_loss,
+    resolve_amp_dtype,
+    resolve_device,
+)
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_UNRECOVERABLE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 2, 3, 130, 143
 _EXIT_ON = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
@@ -110,6 +118,27 @@ def _output_dir(train) -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
+def check_memory(spec: RunSpec, device: torch.device) -> None:
+    """Refuse, naming the flag, a run that cannot fit in memory, before the tokenizer or the
+    model allocate anything (a 10^9 --vocab-size once asked the BPE trainer for 70 GB)."""
+    parts = estimate_training_bytes(spec.model, spec.train)
+    free = available_memory(device)
+    need = sum(parts.values())
+    if free is None or need <= free:
+        return
+    t, m, gb = spec.train, spec.model, 1e9
+    vocab = estimate_vocab(t)
+    if max(parts, key=parts.get).startswith("the logits"):
+        flags = f"--batch-size {t.batch_size} x --sequence-length {t.sequence_length} x vocabulary {vocab}"
+        fix = "lower --batch-size, --sequence-length or --vocab-size"
+    else:
+        flags = f"--vocab-size {vocab} / --hidden-dim {m.hidden_dim} / --num-layers {m.num_layers}"
+        fix = "lower --vocab-size, --hidden-dim or --num-layers"
+    detail = "; ".join(f"{name}: {size / gb:.1f} GB" for name, size in parts.items())
+    raise BadInput(f"{flags}: training would need about {need / gb:.1f} GB ({detail}) but {free / gb:.1f} GB of "
+                   f"{device} memory is free; {fix}")
+
+
 def _denormals_flushed() -> bool:
     """Whether the CPU currently flushes subnormals (torch has a setter, no getter)."""
     return bool(torch.tensor([1e-39]).mul(1.0).eq(0).item())  # host value, set-up only
@@ -145,6 +174,7 @@ class Run:
         if not t.resume and self.checkpoints.last.exists():
             raise BadInput(f"--output-dir {self.out} already holds a run ({self.checkpoints.last}); pass --resume "
                            "to continue it or choose another --output-dir")
+        check_memory(spec, self.device)
         self.tokenizer, corpus, tasks = prepare_data(spec)
         self.fingerprint = corpus.fingerprint()
         self.spec = spec = replace(spec, model=replace(spec.model, vocab_size=self.tokenizer.vocab_size))
@@ -530,7 +560,7 @@ class Run:
             if snap is not None and step <= snap.step:
                 break
             try:
-                return load_checkpoint(path), str(path), True
+                return load_checkpoint(path), str(path.relative_to(self.out)), True
             except UnreadableCheckpoint as e:
                 self.report.warn(f"{e}; trying an older checkpoint")
         if snap is not None:

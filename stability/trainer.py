@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +53,47 @@ def resolve_amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | N
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
+
+
+_FIXED_VOCAB = {"byte": 256, "gpt2": 50257, "o200k": 200019}
+
+
+def estimate_vocab(train_cfg: TrainConfig) -> int:
+    """The vocabulary a run will have at most: --vocab-size for bpe, else the tokenizer's."""
+    return _FIXED_VOCAB.get(train_cfg.tokenizer, train_cfg.vocab_size)
+
+
+def estimate_training_bytes(model_cfg, train_cfg: TrainConfig) -> dict[str, int]:
+    """What a training step holds, by part, before anything is allocated: the model is
+    built on the meta device, so its parameters are counted without memory."""
+    from model import HybridLM
+
+    vocab = estimate_vocab(train_cfg)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in HybridLM(replace(model_cfg, vocab_size=vocab)).parameters())
+    fp32 = 4
+    return {
+        # weights, gradients, Adam's two moments, and the rollback snapshot of all three
+        "weights, gradients, optimizer state and the rollback snapshot": 7 * fp32 * params,
+        # fp32 logits, their log-softmax and its gradient
+        "the logits of a micro-batch": 3 * fp32 * train_cfg.batch_size * train_cfg.sequence_length * vocab,
+    }
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a run on ``device``; None where the platform does not say."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -40,3 +40,15 @@ def fault_plans(draw: st.DrawFn, steps: int = 12, max_faults: int = 4) -> str:
         kind = draw(st.sampled_from(FAULT_KINDS))
         items.append(f"overflow@{step}" if site == "overflow" else f"{site}:{kind}@{step}")
     return ",".join(items)
+
+
+@st.composite
+def crash_plans(draw: st.DrawFn, steps: int = 14, first_checkpoint: int = 3) -> tuple[str, int]:
+    """A fault plan that may include a weight corruption (which forces a rollback), and
+    the optimizer-step attempt after ``first_checkpoint`` at which the process dies."""
+    plan = draw(fault_plans(steps=steps, max_faults=2))
+    if draw(st.booleans()):
+        at = draw(st.integers(2, steps - 4))
+        plan = ",".join(filter(None, [plan, f"param:nan@{at}"]))
+    crash = draw(st.integers(first_checkpoint + 1, steps))
+    return plan, crash

@@ -244,3 +244,12 @@ def test_a_run_stopped_by_max_steps_resumes_with_more_steps(tmp_path, corpus):
     # learning rates, and with them the losses, differ after step 4)
     a = load_checkpoint(straight / "checkpoints" / "last.pt")["position"]
     assert load_checkpoint(staged / "checkpoints" / "last.pt")["position"] == a
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_allocates(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["--data", str(corpus), *FAST[2:], *TINY_MODEL, "--vocab-size", "1000000000",
+                    "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "vocabulary 1000000000" in err and "GB" in err and "lower --" in err
+    assert not out.exists()

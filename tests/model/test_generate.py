@@ -73,6 +73,19 @@ def test_prefill_longer_than_a_scan_chunk_then_step(method):
     assert_close(_stepped(model, x[:, 70:], state), full[:, 70:], scale=TIGHT, msg=f"{method} after 70 tokens")
 
 
+@pytest.mark.parametrize("sizes", [
+    dict(mamba_d_conv=1, spike_rate_window=1, mlp_ratio=0, num_layers=1),  # no conv history, a 1-token window
+    dict(mamba_d_conv=2, spike_rate_window=30, tie_embeddings=False, mamba_expand=1),  # a window past the end
+], ids=_id)
+def test_edge_sizes_decode_like_the_forward(sizes):
+    model = tiny_hybrid(use_mamba=True, use_cross_attention=True, **sizes).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.1)  # an untied head starts at zero
+    x = tokens(l=12)
+    with torch.no_grad():
+        full = model(x)
+    assert_close(_stepped(model, x, model.init_state(2)), full, scale=TIGHT, msg=_id(sizes))
+
+
 def test_prefill_from_a_used_state_steps_through_the_tokens():
     model = tiny_hybrid(use_mamba=True, use_cross_attention=True).eval()
     x = tokens(l=12)

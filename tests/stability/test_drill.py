@@ -6,11 +6,17 @@ from stability.drill import _outcome, battery, drill
 
 def test_battery_covers_every_site_and_kind_and_plasticity_only_with_stdp():
     faults = battery(10, plasticity=False)
-    assert len(faults) == 12 and not any(f.startswith("plasticity") for f in faults)
+    assert len(faults) == 13 and not any(f.startswith("plasticity") for f in faults)
     sites = {f.split(":")[0].split("[")[0].split("@")[0] for f in faults}
     assert sites == {"loss", "grad", "activation", "param", "overflow"}
-    assert {"nan", "inf", "-inf", "spike"} <= {f.split(":")[1].split("@")[0] for f in faults if ":" in f}
+    assert {"nan", "inf", "-inf", "spike", "jump"} <= {f.split(":")[1].split("@")[0] for f in faults if ":" in f}
     assert battery(10, plasticity=True)[-2:] == ["plasticity:nan@10", "plasticity:spike@10"]
+    assert battery(10, plasticity=False, preemption=True)[-1] == "sigterm@10"
+
+
+def test_outcome_of_a_preemption_that_resumed():
+    o = _outcome("sigterm@10", 0, [{"kind": "preempted"}, *_recs()])
+    assert (o.detected, o.skipped, o.steps_to_recover) == (True, 0, 0)
 
 
 def _recs(*extra):

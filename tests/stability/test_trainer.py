@@ -344,3 +344,17 @@ def test_weight_decay_shrinks_matrices_but_not_biases_or_norms():
     w_plain, w_decayed = plain.model.head.weight, decayed.model.head.weight
     assert not torch.equal(w_plain, w_decayed)
     assert torch.equal(plain.model.head.bias, decayed.model.head.bias), "biases are not decayed"
+
+
+def test_the_memory_estimate_counts_the_real_parameters_without_allocating_them():
+    from model import HybridLM
+    from stability.trainer import estimate_training_bytes
+    from tests.tiny import tiny_hybrid_config
+
+    cfg = tiny_hybrid_config(vocab_size=300)
+    parts = estimate_training_bytes(cfg, TrainConfig(tokenizer="bpe", vocab_size=300, batch_size=2, sequence_length=8))
+    params = sum(p.numel() for p in HybridLM(cfg).parameters())
+    assert parts["weights, gradients, optimizer state and the rollback snapshot"] == 7 * 4 * params
+    assert parts["the logits of a micro-batch"] == 3 * 4 * 2 * 8 * 300
+    byte = estimate_training_bytes(cfg, TrainConfig(tokenizer="byte", vocab_size=300, batch_size=2, sequence_length=8))
+    assert byte["the logits of a micro-batch"] == 3 * 4 * 2 * 8 * 256, "byte's vocabulary is 256 whatever the flag"
