@@ -1,21 +1,25 @@
 """The selective scan's CPU kernel: one fused pass per token, compiled with numba.
 
-    x_t = a_t * x_{t-1} + dt_t u_t B_t,   a_t = exp(dt_t A)      (per channel, state n)
-    y_t = <x_t, C_t>
+    dt_t = softplus(delta_t + bias),   a_t = exp(dt_t A)          (per channel, state n)
+    x_t = a_t * x_{t-1} + dt_t u_t B_t,   y_t = <x_t, C_t>
+    out_t = (y_t + D u_t) * silu(z_t)
 
-``numba_scan`` is the core of ``model.ssm.selective_scan_numba``; ``model.ssm``'s
+``numba_selective_scan`` is ``model.ssm.selective_scan_numba``'s work; ``model.ssm``'s
 ``selective_scan_ref`` is its oracle. Each channel's state lives in a short local vector
-for the whole sequence, so the forward writes only y (b e l) and the last state: nothing
-of size (b e n l) is kept for the backward. The backward recomputes each channel's states
-into a per-thread (l n) buffer, then runs the adjoint g_t = dL/dx_t backwards, from which
-every gradient follows in the same pass (as mamba-ssm's kernel recomputes its states).
+for the whole sequence, so the forward writes only ``out`` (b e l) and the last state:
+nothing of size (b e n l) is kept, and the backward saves only the inputs, as mamba-ssm's
+kernel does. It recomputes dt, the gate and each channel's states into a per-thread (l n)
+buffer, then runs the adjoint g_t = dL/dx_t backwards, from which every gradient follows
+in the same pass.
 
 Why numba: the scan is a chain of tiny dependent steps, about 12 torch kernels per token
 for forward and backward, each a full pass over (b e n). A compiled loop does the whole
-chain in registers. numba is the well-kept way to compile such a loop at run time on a
-machine with only a Python toolchain. Its own ``exp`` is scalar (2 ns an element here,
-torch's vectorised one 0.15 ns), so the decays are computed by torch in cache-sized
-blocks of channels and only read by the kernel.
+chain in registers and cache. numba is the well-kept way to compile such a loop at run
+time with nothing but pip-installed packages (a C++ extension would need a minute of g++
+against torch's headers on every fresh machine). Its own ``exp`` is scalar (2 ns an
+element here, torch's vectorised one 0.15 ns), so the decays are computed by torch in
+cache-sized blocks of channels and only read by the kernel; softplus and silu(z) are torch
+calls too, transient, around the kernel.
 
 Shape letters:
     b  batch
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 try:  # optional at run time: without numba, model.ssm runs the torch loop instead
@@ -75,7 +80,7 @@ def _bounds(p: int, parts: int, k: int) -> tuple[int, int]:
 
 @_njit(parallel=True, fastmath=_FLAGS, cache=True, nogil=True)
 def _forward_kernel(u, dt, decay, c0, e, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
-                    y, last, parts):  # pragma: no cover - compiled
+                    D, gate, has_D, has_z, out, last, parts):  # pragma: no cover - compiled
     k, l, n = decay.shape
     for p in numba.prange(parts):
         j0, j1 = _bounds(p, parts, k)
@@ -97,18 +102,24 @@ def _forward_kernel(u, dt, decay, c0, e, Bk, b_batch, b_group, b_step, Ck, c_bat
                     xm = decay[j, t, m] * x[m] + w * Bk[rb, tb, m]
                     x[m] = xm
                     acc += xm * Ck[rc, tc, m]
-                y[c, t] = acc
+                if has_D:
+                    acc += D[ch] * u[c, t]
+                if has_z:
+                    acc *= gate[c, t]
+                out[c, t] = acc
             last[c, :] = x
 
 
 @_njit(parallel=True, fastmath=_FLAGS, cache=True, nogil=True)
 def _backward_kernel(u, dt, decay, c0, e, A, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
-                     dy, dlast, du, ddt, dA, dB, dC, parts):  # pragma: no cover - compiled
+                     D, gate, dgate, has_D, has_z, dout, dlast,
+                     du, ddt, dA, dB, dC, dD, dz, parts):  # pragma: no cover - compiled
     k, l, n = decay.shape
     for p in numba.prange(parts):
         j0, j1 = _bounds(p, parts, k)
         xs = np.zeros((l + 1, n), dtype=u.dtype)  # xs[t + 1] = x_t; xs[0] = x_{-1} = 0
         gs = np.empty((l, n), dtype=u.dtype)  # gs[t] = dL/dx_t
+        dy_c = np.empty(l, dtype=u.dtype)  # dL/dy_t, y the scan's output before skip and gate
         zero = xs[0, 0]
         for j in range(j0, j1):
             c = c0 + j
@@ -116,13 +127,26 @@ def _backward_kernel(u, dt, decay, c0, e, A, Bk, b_batch, b_group, b_step, Ck, c
             ch = c - i * e
             rb = i * b_batch + ch // b_group
             rc = i * c_batch + ch // c_group
-            a_c, u_c, dt_c, dy_c = decay[j], u[c], dt[c], dy[c]  # (l n), (l) ...
+            a_c, u_c, dt_c = decay[j], u[c], dt[c]  # (l n), (l) ...
             B_c, C_c, dB_c, dC_c = Bk[rb], Ck[rc], dB[p, rb], dC[p, rc]  # (T n)
             for t in range(l):  # recompute the states
                 w = dt_c[t] * u_c[t]
                 a_t, b_t, x_prev, x_t = a_c[t], B_c[t * b_step], xs[t], xs[t + 1]
                 for m in range(n):
                     x_t[m] = a_t[m] * x_prev[m] + w * b_t[m]
+            d_skip = D[ch] if has_D else zero
+            for t in range(l):  # through the gate and the skip: dL/dy_t, dL/dz_t, dL/dD
+                if has_z:
+                    x_t, c_t = xs[t + 1], C_c[t * c_step]
+                    y = zero
+                    for m in range(n):
+                        y += x_t[m] * c_t[m]
+                    dz[c, t] = dout[c, t] * (y + d_skip * u_c[t]) * dgate[c, t]
+                    dy_c[t] = dout[c, t] * gate[c, t]
+                else:
+                    dy_c[t] = dout[c, t]
+                if has_D:
+                    dD[p, ch] += dy_c[t] * u_c[t]
             g_t = gs[l - 1]
             c_t = C_c[(l - 1) * c_step]
             for m in range(n):
@@ -151,7 +175,7 @@ def _backward_kernel(u, dt, decay, c0, e, A, Bk, b_batch, b_group, b_step, Ck, c
                     dlog = g_t[m] * a_t[m] * x_prev[m]  # dL/d(dt_t A_m)
                     dlogA += dlog * A_c[m]
                     dA_c[m] += dlog * dt_t
-                du[c, t] = gB * dt_t
+                du[c, t] = gB * dt_t + dy_t * d_skip
                 ddt[c, t] = dlogA + gB * u_t
 
 
@@ -213,64 +237,117 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _flat(t: Tensor, r: int, l: int) -> Tensor:
+    return t.reshape(r, l).contiguous()
+
+
+def _dt(delta: Tensor, delta_bias: Tensor | None, softplus: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(delta + bias, its softplus or itself): the second is dt, the first softplus' input."""
+    pre = delta.to(dtype)
+    if delta_bias is not None:
+        pre = pre + delta_bias.to(dtype)[:, None]
+    return pre, F.softplus(pre) if softplus else pre
+
+
 class _NumbaScan(torch.autograd.Function):
-    """(u, dt (b e l), A (e n), B, C) -> (y (b e l), x_last (b e n)); all in one dtype."""
+    """The whole selective scan: (u, delta (b e l), A (e n), B, C, D (e) | None, z (b e l) |
+    None, delta_bias (e) | None, softplus) -> (out (b e l) in u's dtype, x_last (b e n)).
+
+    The kernels compute in u's compute dtype (fp32, or fp64); dt = softplus(delta + bias)
+    and silu(z) are computed by torch around them and not kept: the backward saves only
+    the inputs, as mamba-ssm's kernel does, and recomputes the rest.
+    """
 
     @staticmethod
-    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor):  # type: ignore[override]
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool):  # type: ignore[override]
+        dtype = torch.promote_types(u.dtype, torch.float32)
         (b, e, l), n = u.shape, A.shape[1]
-        u2, dt2 = u.reshape(b * e, l).contiguous(), dt.reshape(b * e, l).contiguous()  # (r l)
-        A_rows = A.repeat(b, 1)  # (r n)
-        Br, Cr = _Rows.of(B, b, e), _Rows.of(C, b, e)
-        y, last = u2.new_empty(b * e, l), u2.new_empty(b * e, n)
-        blocks = _blocks(b * e, l, n)
+        r = b * e
+        u2 = _flat(u.to(dtype), r, l)  # (r l)
+        dt2 = _flat(_dt(delta, delta_bias, softplus, dtype)[1], r, l)
+        A_rows = A.to(dtype).repeat(b, 1)  # (r n)
+        Br, Cr = _Rows.of(B.to(dtype), b, e), _Rows.of(C.to(dtype), b, e)
+        D_, gate = _skip_and_gate_inputs(D, z, r, l, dtype)
+        out, last = u2.new_empty(r, l), u2.new_empty(r, n)
+        blocks = _blocks(r, l, n)
         buf = u2.new_empty(blocks[0][1], l, n)
         for c0, c1 in blocks:
             decay = _decays(dt2, A_rows, c0, c1, buf)
             _forward_kernel(_np(u2), _np(dt2), _np(decay), c0, e, *Br.args(), *Cr.args(),
-                            _np(y), _np(last), _parts(c1 - c0))
-        ctx.save_for_backward(u, dt, A, B, C)
-        return y.view(b, e, l), last.view(b, e, n)
+                            _np(D_), _np(gate), D is not None, z is not None, _np(out), _np(last),
+                            _parts(c1 - c0))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.softplus = softplus
+        return out.view(b, e, l).to(u.dtype), last.view(b, e, n)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: Tensor, dlast: Tensor):  # type: ignore[override]
-        u, dt, A, B, C = ctx.saved_tensors
+    def backward(ctx, dout: Tensor, dlast: Tensor):  # type: ignore[override]
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        dtype = torch.promote_types(u.dtype, torch.float32)
         (b, e, l), n = u.shape, A.shape[1]
-        u2, dt2 = u.reshape(b * e, l).contiguous(), dt.reshape(b * e, l).contiguous()
-        A = A.contiguous()
-        A_rows = A.repeat(b, 1)
-        Br, Cr = _Rows.of(B, b, e), _Rows.of(C, b, e)
-        dy2 = dy.to(u.dtype).reshape(b * e, l).contiguous()
-        dlast2 = dlast.to(u.dtype).reshape(b * e, n).contiguous()
+        r = b * e
+        u2 = _flat(u.to(dtype), r, l)
+        pre, dt = _dt(delta, delta_bias, ctx.softplus, dtype)
+        dt2 = _flat(dt, r, l)
+        A32 = A.to(dtype).contiguous()
+        A_rows = A32.repeat(b, 1)
+        Br, Cr = _Rows.of(B.to(dtype), b, e), _Rows.of(C.to(dtype), b, e)
+        D_, gate = _skip_and_gate_inputs(D, z, r, l, dtype)
+        dgate = gate
+        if z is not None:  # d silu(z) / dz = s (1 + z (1 - s)), s = sigmoid(z)
+            z2 = _flat(z.to(dtype), r, l)
+            sig = torch.sigmoid(z2)
+            dgate = sig * (1 + z2 * (1 - sig))
+        dout2 = _flat(dout.to(dtype), r, l)
+        dlast2 = dlast.to(dtype).reshape(r, n).contiguous()
         du, ddt = torch.empty_like(u2), torch.empty_like(u2)
-        blocks = _blocks(b * e, l, n)
+        dz = torch.empty_like(u2) if z is not None else gate
+        blocks = _blocks(r, l, n)
         parts = max(_parts(c1 - c0) for c0, c1 in blocks)
-        # per-thread partial sums: channels of different threads share rows of A, B and C
-        dA_p = u2.new_zeros(parts, e, n)
+        # per-thread partial sums: channels of different threads share rows of A, B, C, D
+        dA_p, dD_p = u2.new_zeros(parts, e, n), u2.new_zeros(parts, e)
         dB_p, dC_p = u2.new_zeros(parts, *Br.t.shape), u2.new_zeros(parts, *Cr.t.shape)
         buf = u2.new_empty(blocks[0][1], l, n)
         for c0, c1 in blocks:
             decay = _decays(dt2, A_rows, c0, c1, buf)
-            _backward_kernel(_np(u2), _np(dt2), _np(decay), c0, e, _np(A), *Br.args(), *Cr.args(),
-                             _np(dy2), _np(dlast2), _np(du), _np(ddt), _np(dA_p), _np(dB_p), _np(dC_p),
-                             _parts(c1 - c0))
+            _backward_kernel(_np(u2), _np(dt2), _np(decay), c0, e, _np(A32), *Br.args(), *Cr.args(),
+                             _np(D_), _np(gate), _np(dgate), D is not None, z is not None,
+                             _np(dout2), _np(dlast2), _np(du), _np(ddt), _np(dA_p), _np(dB_p), _np(dC_p),
+                             _np(dD_p), _np(dz), _parts(c1 - c0))
+        ddelta = ddt.view(b, e, l)
+        if ctx.softplus:
+            ddelta = ddelta * torch.sigmoid(pre)  # d softplus(x) / dx = sigmoid(x)
         return (
-            du.view(b, e, l),
-            ddt.view(b, e, l),
-            dA_p.sum(0),
-            Br.grad_like(dB_p.sum(0), B),
-            Cr.grad_like(dC_p.sum(0), C),
+            du.view(b, e, l).to(u.dtype),
+            ddelta.to(delta.dtype),
+            dA_p.sum(0).to(A.dtype),
+            Br.grad_like(dB_p.sum(0), B).to(B.dtype),
+            Cr.grad_like(dC_p.sum(0), C).to(C.dtype),
+            None if D is None else dD_p.sum(0).to(D.dtype),
+            None if z is None else dz.view(b, e, l).to(z.dtype),
+            None if delta_bias is None else ddelta.sum((0, 2)).to(delta_bias.dtype),
+            None,
         )
 
 
-def numba_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
-    """y (b e l) and the last state (b e n) of the scan, differentiable in every argument.
+def _skip_and_gate_inputs(D: Tensor | None, z: Tensor | None, r: int, l: int, dtype) -> tuple[Tensor, Tensor]:
+    """D (e) and silu(z) (r l) for the kernels; one-element stand-ins where absent."""
+    D_ = D.to(dtype).contiguous() if D is not None else torch.zeros(1, dtype=dtype)
+    gate = _flat(F.silu(z.to(dtype)), r, l) if z is not None else torch.zeros(1, 1, dtype=dtype)
+    return D_, gate
 
-    All tensors on the CPU in one dtype (fp32 or fp64); dt is already discretised.
+
+def numba_selective_scan(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """out = (y + D u) * silu(z) (b e l) in u's dtype and the last state (b e n) in the
+    compute dtype; every argument as ``model.ssm.selective_scan_ref`` takes it (checked
+    there), all on the CPU. Differentiable in every tensor.
     """
     if numba is None:
         raise RuntimeError("the numba selective scan needs numba: pip install numba, or use --scan-impl loop")
     if u.device.type != "cpu":
         raise ValueError(f"the numba selective scan runs on the CPU, but the tensors are on {u.device}")
-    return _NumbaScan.apply(u, dt, A, B, C)
+    return _NumbaScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -415,14 +415,17 @@ def selective_scan_numba(
     delta_softplus: bool = False,
     return_last_state: bool = False,
 ) -> ScanResult:
-    """The scan as one compiled kernel per direction, on the CPU (``model.numba_scan``).
+    """The scan, skip and gate as one compiled kernel per direction, on the CPU
+    (``model.numba_scan``).
 
-    Saves only its inputs for the backward, which recomputes the states channel by
-    channel; the gradient of the returned last state is propagated.
+    Saves only its inputs for the backward, which recomputes dt, the gate and the states
+    channel by channel; the gradient of the returned last state is propagated.
     """
-    from model.numba_scan import numba_scan
+    from model.numba_scan import numba_selective_scan
 
-    return _scan_with(numba_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out, last = numba_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last) if return_last_state else out
 
 
 # ---------------------------------------------------------------------------------------
