@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from stability.atomic import atomic_link, atomic_write
+from stability.distributed import Dist, all_reduce_, local
 
 
 class CorruptStateError(RuntimeError):
@@ -24,13 +25,17 @@ class UnreadableCheckpoint(RuntimeError):
     """A checkpoint file that is truncated, empty or not a checkpoint at all."""
 
 
-def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of floating-point tensors holding NaN or inf (one host sync)."""
+def nonfinite_tensors(tensors: dict[str, torch.Tensor], dist: Dist = Dist()) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf (one host sync). Sharded tensors
+    are checked shard by shard, with one all-reduce, so every rank gets the same answer."""
     named = [(n, t) for n, t in tensors.items() if t.is_floating_point()]
     if not named:
         return []
-    flags = torch.stack([t.detach().isfinite().all() for _, t in named]).tolist()  # host sync
-    return [n for (n, _), ok in zip(named, flags) if not ok]
+    bad = torch.stack([local(t.detach()).isfinite().all().logical_not() for _, t in named]).float()
+    if dist.mode == "fsdp":
+        all_reduce_(dist, bad, "max")
+    flags = bad.tolist()  # host sync
+    return [n for (n, _), b in zip(named, flags) if b]
 
 
 def save_checkpoint(path: Path, state: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
@@ -88,8 +93,11 @@ class CheckpointDir:
     checkpoint is written twice and no kept checkpoint is ever newer than ``last.pt``.
     """
 
-    def __init__(self, root: Path, keep: int):
-        self.root, self.keep = Path(root), keep
+    def __init__(self, root: Path, keep: int, dist: Dist = Dist()):
+        """Under distributed training every rank checks the weights and rank 0 alone
+        touches the files."""
+        self.root, self.keep, self.dist = Path(root), keep, dist
+        self.writer = dist.main
         self.last, self.best = self.root / "last.pt", self.root / "best.pt"
 
     def kept_path(self, step: int) -> Path:
@@ -108,30 +116,49 @@ class CheckpointDir:
 
     def save(self, state: dict[str, Any], keep: bool) -> None:
         """``last.pt`` := ``state``; with ``keep``, also a kept checkpoint of its step."""
+        self._check(state)
+        if not self.writer:
+            return
         state["kept"] = keep
-        save_checkpoint(self.last, state, state["trainer"]["model"])
+        atomic_write(self.last, lambda f: torch.save(state, f))
         if keep:
             self.relink()
 
+    def _check(self, state: dict[str, Any]) -> None:
+        bad = nonfinite_tensors(state["trainer"]["model"], self.dist)
+        if bad:
+            raise CorruptStateError(f"refusing to write {self.last}: non-finite weights in {', '.join(bad[:5])}")
+
     def relink(self) -> None:
         """The kept checkpoint ``last.pt`` says it is (again, after a crash between the two)."""
+        if not self.writer:
+            return
         link_checkpoint(self.last, self.kept_path(int(load_checkpoint(self.last, mmap=True)["trainer"]["step"])))
         self.rotate()
 
     def keep_state(self, state: dict[str, Any], step: int) -> None:
         """Write ``state`` (a snapshot) as the kept checkpoint of ``step``."""
-        save_checkpoint(self.kept_path(step), {**state, "kept": True}, state["trainer"]["model"])
+        self._check(state)
+        if not self.writer:
+            return
+        atomic_write(self.kept_path(step), lambda f: torch.save({**state, "kept": True}, f))
         self.rotate()
 
     def rotate(self) -> None:
+        if not self.writer:
+            return
         for _, path in self.kept()[: -self.keep]:
             path.unlink(missing_ok=True)
 
     def drop_after(self, step: int) -> None:
         """A rollback to ``step`` abandons the kept checkpoints taken after it."""
+        if not self.writer:
+            return
         for s, path in self.kept():
             if s > step:
                 path.unlink(missing_ok=True)
 
     def mark_best(self) -> None:
+        if not self.writer:
+            return
         link_checkpoint(self.last, self.best)

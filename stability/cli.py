@@ -154,6 +154,7 @@ def resolve(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     from stability.data import DataError
+    from stability.distributed import Dist, DistError, setup, teardown
     from stability.drill import drill
     from stability.faults import FaultSpecError
     from stability.run import EXIT_BAD_INPUT, BadInput, Run
@@ -162,18 +163,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in USE_COMMANDS:
         return use_command(args)
+    bad_input = (CliError, ConfigError, DataError, BadInput, FaultSpecError, DistError)
+    d = Dist()
     try:
         # everything that can be wrong with the input is found here, before any write
-        spec = resolve(args)
-        if args.command == "drill":
-            return drill(spec, sys.stdout, tolerance=args.tolerance,
-                         keep=Path(spec.train.output_dir) if spec.train.output_dir else None)
-        job = Run(spec)
-        job.setup()
-    except (CliError, ConfigError, DataError, BadInput, FaultSpecError) as e:
-        print(f"lsnn {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return job.fit()
+        try:
+            spec = resolve(args)
+            d = setup(spec.train.distributed, spec.train.device)  # torchrun's process group, if any
+            if args.command == "drill":
+                return drill(spec, sys.stdout, tolerance=args.tolerance,
+                             keep=Path(spec.train.output_dir) if spec.train.output_dir else None, dist=d)
+            job = Run(spec, dist=d)
+            job.setup()
+        except bad_input as e:  # every rank finds the same problem; rank 0 says it
+            if d.main:
+                print(f"lsnn {args.command}: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return job.fit()
+    finally:
+        teardown(d)
 
 
 # --- using what a run trained: sample, eval, export, report ------------------------------

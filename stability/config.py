@@ -74,6 +74,8 @@ class TrainConfig(_Config):
     """Mixed-precision dtype: auto is bf16 where supported, else fp16 with loss scaling."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks cuda when available."""
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Under torchrun: replicate the model (ddp; auto) or shard it with FSDP2 (fsdp)."""
     seed: int = 0
     """Seed for initialisation, data order and dropout."""
     output_dir: str | None = None

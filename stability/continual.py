@@ -32,12 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from stability.distributed import Dist, all_reduce_, full, local
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class EWC:
-    def __init__(self, model: nn.Module, strength: float):
-        self.strength = strength
+    def __init__(self, model: nn.Module, strength: float, dist: Dist = Dist()):
+        self.strength, self.dist = strength, dist
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.A: list[torch.Tensor] | None = None
         self.B: list[torch.Tensor] | None = None
@@ -50,10 +52,8 @@ class EWC:
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """(lambda / 2) * sum_k F_k (theta - theta*_k)^2, a differentiable scalar."""
-        total = self.C.clone()
-        for p, a, b in zip(self.params, self.A, self.B):
-            total = total + ((a * p - 2 * b) * p).sum()
-        return 0.5 * self.strength * total
+        terms = sum(((a * p - 2 * b) * p).sum() for p, a, b in zip(self.params, self.A, self.B))
+        return 0.5 * self.strength * (self.C + full(terms))  # FSDP2: one reduction over the shards
 
     def consolidate(self, model: nn.Module, batches: list[Batch], loss_fn: Callable, autocast) -> int:
         """Estimate task k's diagonal Fisher on ``batches`` and fold it into the penalty.
@@ -69,7 +69,9 @@ class EWC:
                 loss = loss_fn(model(x), y)
             loss.backward()
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            if not all(bool(torch.isfinite(g).all()) for g in grads):
+            finite = all_reduce_(self.dist, torch.stack([torch.isfinite(local(g)).all() for g in grads]).all()
+                                 .logical_not().float(), "max") == 0  # every rank keeps or drops the batch
+            if not bool(finite):  # host sync, off the hot path
                 continue
             torch._foreach_add_(fisher, torch._foreach_mul(grads, grads))
             used += 1
@@ -78,6 +80,9 @@ class EWC:
         if used == 0:
             return 0
         torch._foreach_div_(fisher, float(used))
+        if self.dist.mode == "ddp":  # each rank's Fisher is of its own batches: average them
+            for f in fisher:
+                all_reduce_(self.dist, f, "mean")
         anchors = [p.detach().clone() for p in self.params]
         fb = torch._foreach_mul(fisher, anchors)
         if self.A is None:
@@ -85,7 +90,7 @@ class EWC:
         else:
             torch._foreach_add_(self.A, fisher)
             torch._foreach_add_(self.B, fb)
-        self.C = self.C + sum((f * a).sum() for f, a in zip(fb, anchors))
+        self.C = self.C + full(sum((f * a).sum() for f, a in zip(fb, anchors)))
         self.tasks += 1
         return used
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from stability.config import RunSpec
+from stability.distributed import Dist, barrier, broadcast
 from stability.faults import Fault, parse_faults
 from stability.reporting import read_records
 from stability.run import EXIT_OK, EXIT_TERMINATED, Run
@@ -56,24 +57,27 @@ class Outcome:
     recovered: bool = False
 
 
-def _fit(spec: RunSpec, stream: io.StringIO) -> int:
-    job = Run(spec, stream)
+def _fit(spec: RunSpec, stream: io.StringIO, d: Dist) -> int:
+    job = Run(spec, stream, d)
     job.setup()
     return job.fit()
 
 
-def _run(spec: RunSpec, out: Path, fault: str | None) -> tuple[int, list[dict[str, Any]], str]:
-    """Train under ``fault``; a preemption (SIGTERM, exit 143) is resumed as a user would."""
+def _run(spec: RunSpec, out: Path, fault: str | None, d: Dist) -> tuple[int, list[dict[str, Any]], str]:
+    """Train under ``fault``; a preemption (SIGTERM, exit 143) is resumed as a user would.
+    Under torchrun every rank trains and rank 0's records are read (after a barrier)."""
     spec = replace(spec, guard=replace(spec.guard, inject_fault=fault),
                    train=replace(spec.train, output_dir=str(out), resume=False, progress="lines"))
     stream = io.StringIO()
-    code = _fit(spec, stream)
-    if code == EXIT_TERMINATED and fault and fault.startswith("sigterm@"):
+    code = _fit(spec, stream, d)
+    preempted = code == EXIT_TERMINATED and fault is not None and fault.startswith("sigterm@")
+    if preempted:
         stream.write("--- resumed ---\n")
         code = _fit(replace(spec, guard=replace(spec.guard, inject_fault=None),
-                            train=replace(spec.train, resume=True)), stream)
-        return code, [{"kind": "preempted"}, *read_records(out / "metrics.jsonl")], stream.getvalue()
-    return code, read_records(out / "metrics.jsonl"), stream.getvalue()
+                            train=replace(spec.train, resume=True)), stream, d)
+    barrier(d)
+    recs = broadcast(d, read_records(out / "metrics.jsonl") if d.main else None)
+    return code, [{"kind": "preempted"}] * preempted + recs, stream.getvalue()
 
 
 def _outcome(fault: str, code: int, recs: list[dict[str, Any]]) -> Outcome:
@@ -103,8 +107,11 @@ def _outcome(fault: str, code: int, recs: list[dict[str, Any]]) -> Outcome:
     return Outcome(fault, code, detected, len(skips), len(rollbacks), to_recover, float(final))
 
 
-def drill(spec: RunSpec, stream: TextIO, tolerance: float = 0.25, keep: Path | None = None) -> int:
-    """Run the battery; print the table to ``stream``; return 0 if every fault was survived."""
+def drill(spec: RunSpec, stream: TextIO, tolerance: float = 0.25, keep: Path | None = None, dist: Dist = Dist()) -> int:
+    """Run the battery; print the table to ``stream`` (rank 0's); return 0 if every fault
+    was survived. Under torchrun every rank runs it, in the same directories."""
+    if not dist.main:
+        stream = io.StringIO()
     steps = spec.train.max_steps or 40
     at = max(steps // 4, 2)
     # detect fast in a short run: sync every 2 steps, roll back after 3 skips, and arm the
@@ -116,8 +123,8 @@ def drill(spec: RunSpec, stream: TextIO, tolerance: float = 0.25, keep: Path | N
                                  loss_spike_warmup=min(spec.guard.loss_spike_warmup, at - 2)))
     plasticity = spec.plasticity.use_stdp
     with tempfile.TemporaryDirectory(prefix="lsnn-drill-") as tmp:
-        root = keep or Path(tmp)
-        code, recs, text = _run(spec, root / "control", None)
+        root = keep or Path(broadcast(dist, tmp))  # rank 0's directory for every rank
+        code, recs, text = _run(spec, root / "control", None, dist)
         if code != EXIT_OK:
             stream.write(text)
             stream.write("drill: the clean control run failed; fix the configuration first\n")
@@ -126,7 +133,7 @@ def drill(spec: RunSpec, stream: TextIO, tolerance: float = 0.25, keep: Path | N
         outcomes = []
         preemption = threading.current_thread() is threading.main_thread()  # only it gets the signal
         for i, fault in enumerate(battery(at, plasticity, preemption)):
-            code, recs, text = _run(spec, root / f"fault{i}", fault)
+            code, recs, text = _run(spec, root / f"fault{i}", fault, dist)
             o = _outcome(fault, code, recs)
             o.recovered = (code == EXIT_OK and o.detected and math.isfinite(o.final_loss)
                            and o.final_loss - control <= tolerance * max(1.0, abs(control)))

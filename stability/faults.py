@@ -13,7 +13,9 @@ A plan is a comma list of faults (``--inject-fault``):
     grad:spike@200                kinds: nan, inf, -inf, spike (multiply by 1e6), jump (by 10)
     loss:jump@80                  a finite loss spike: the loss (and its gradients) x10
     sigterm@90                    the process is sent SIGTERM before step 90 (a preemption)
+    sigint@90                     ... SIGINT (Ctrl-C)
     crash@90                      the process is killed (SIGKILL) before step 90: no clean-up
+    loss:nan@12#1                 under torchrun, only on rank 1 (any fault takes #RANK)
 
 Steps count optimizer-step attempts from 1 and never go back, so a fault fires once
 even when a rollback replays the steps around it. ``FaultInjector.fired`` records every
@@ -30,17 +32,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-SITES = ("loss", "grad", "activation", "param", "plasticity", "overflow", "sigterm", "crash")
+SITES = ("loss", "grad", "activation", "param", "plasticity", "overflow", "sigterm", "sigint", "crash")
 KINDS = ("nan", "inf", "-inf", "spike", "jump")
 SPIKE_FACTOR = 1e6
 JUMP_FACTOR = 10.0
-_PROCESS_SITES = ("overflow", "sigterm", "crash")  # no target; printed without a kind
+_PROCESS_SITES = ("overflow", "sigterm", "sigint", "crash")  # no target; printed without a kind
 _TARGETED = ("grad", "activation", "param")
 _VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
 _ITEM = re.compile(
     r"^(?P<site>[a-z]+)(\[(?P<target>[\w.]+)\])?(:(?P<kind>-?[a-z]+))?"
-    r"@(?P<first>\d+)(-(?P<last>\d+))?(:(?P<micro>\d+))?$"
+    r"@(?P<first>\d+)(-(?P<last>\d+))?(:(?P<micro>\d+))?(#(?P<rank>\d+))?$"
 )
 
 
@@ -56,6 +58,7 @@ class Fault:
     last: int
     target: str | None = None
     micro: int | None = None
+    rank: int | None = None  # only on this rank (None: every rank)
 
     def active(self, attempt: int, micro: int | None = None) -> bool:
         in_range = self.first <= attempt <= self.last
@@ -65,13 +68,15 @@ class Fault:
         where = f"[{self.target}]" if self.target else ""
         steps = f"{self.first}" if self.first == self.last else f"{self.first}-{self.last}"
         micro = f":{self.micro}" if self.micro is not None else ""
+        rank = f"#{self.rank}" if self.rank is not None else ""
         if self.site in _PROCESS_SITES:
-            return f"{self.site}@{steps}"
-        return f"{self.site}{where}:{self.kind}@{steps}{micro}"
+            return f"{self.site}@{steps}{rank}"
+        return f"{self.site}{where}:{self.kind}@{steps}{micro}{rank}"
 
 
-def parse_faults(spec: str | None) -> list[Fault]:
-    """Parse a plan; raise FaultSpecError naming --inject-fault and the bad item."""
+def parse_faults(spec: str | None, rank: int | None = None) -> list[Fault]:
+    """Parse a plan; raise FaultSpecError naming --inject-fault and the bad item. With
+    ``rank``, only the faults that fire on that rank."""
     if not spec:
         return []
     faults = []
@@ -79,7 +84,7 @@ def parse_faults(spec: str | None) -> list[Fault]:
         m = _ITEM.match(item)
         if not m:
             raise FaultSpecError(
-                f"--inject-fault: cannot parse {item!r}; expected SITE[TARGET]:KIND@STEP[-STEP][:MICRO], "
+                f"--inject-fault: cannot parse {item!r}; expected SITE[TARGET]:KIND@STEP[-STEP][:MICRO][#RANK], "
                 "e.g. loss:nan@120, grad[blocks.1.mamba]:inf@30, overflow@5-20"
             )
         site, kind = m["site"], m["kind"]
@@ -98,8 +103,9 @@ def parse_faults(spec: str | None) -> list[Fault]:
         if first < 1 or last < first:
             raise FaultSpecError(f"--inject-fault: steps count from 1 and ranges go up, got {item!r}")
         micro = int(m["micro"]) if m["micro"] is not None else None
-        faults.append(Fault(site, kind, first, last, m["target"], micro))
-    return faults
+        on = int(m["rank"]) if m["rank"] is not None else None
+        faults.append(Fault(site, kind, first, last, m["target"], micro, on))
+    return [f for f in faults if rank is None or f.rank is None or f.rank == rank]
 
 
 def corrupt(t: torch.Tensor, kind: str, whole: bool = False) -> torch.Tensor:
@@ -183,8 +189,8 @@ class FaultInjector:
         """Called before the forward pass of optimizer-step attempt ``attempt``."""
         self.attempt, self.micro = attempt, 0
         for f in self.faults:
-            if f.site == "sigterm" and self._fire(f):
-                os.kill(os.getpid(), signal.SIGTERM)  # handled at the end of this step
+            if f.site in ("sigterm", "sigint") and self._fire(f):
+                os.kill(os.getpid(), signal.SIGTERM if f.site == "sigterm" else signal.SIGINT)  # handled after the step
             if f.site == "crash" and self._fire(f):
                 kill_self()
         for f in self.faults:

@@ -40,9 +40,8 @@ import torch.nn.functional as F
 
 from stability.config import GuardConfig
 
-OK, NONFINITE_LOSS, OVERFLOW, SPIKE, PEER, LOSS_SPIKE = 0, 1, 2, 3, 4, 5
-# peer: another rank's step was bad
-REASONS = ("ok", "nonfinite_loss", "overflow", "spike", "peer", "loss_spike")
+OK, NONFINITE_LOSS, OVERFLOW, SPIKE, LOSS_SPIKE = 0, 1, 2, 3, 4
+REASONS = ("ok", "nonfinite_loss", "overflow", "spike", "loss_spike")
 BANDS = ("low", "healthy", "high", "critical", "exploded")
 # columns of the history buffer
 H_LOSS, H_NORM, H_REASON, H_BAND, H_SCALE, H_LR = range(6)
@@ -58,6 +57,8 @@ class Verdict:
     max_norm: torch.Tensor  # clip threshold for this step (inf: no clipping)
     overflow: torch.Tensor  # bool
     loss_ok: torch.Tensor  # bool
+    loss: torch.Tensor | None = None  # the mean loss over every rank
+    peer: torch.Tensor | None = None  # bool: skipped for another rank; this rank's own step was clean
 
 
 def band_edges(cfg: GuardConfig, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -88,6 +89,7 @@ class StepGuard:
         self.skips = torch.zeros(len(REASONS), dtype=torch.int64, device=dev)
         self.bands = torch.zeros(len(BANDS), dtype=torch.int64, device=dev)
         self.spikes_clipped = z()
+        self.peer_skips = z()  # steps skipped for another rank's bad batch
         self.norm_mean = z(torch.float32)
         self.norm_var = z(torch.float32)
         self.norm_count = z()
@@ -100,21 +102,26 @@ class StepGuard:
 
     def judge(self, loss_ok: torch.Tensor, grad_norm: torch.Tensor, loss: torch.Tensor | None = None) -> Verdict:
         """Classify a step from the AND of its micro-batch finite flags, its total
-        (pre-clip) gradient norm and its mean loss."""
+        (pre-clip) gradient norm and its mean loss.
+
+        Under distributed training one all-reduce (no host sync) makes the flags and the
+        loss global, so every rank records the same verdict, the same statistics and the
+        same history, and takes the same rollback decisions; ``peer`` marks a rank whose
+        own step was clean.
+        """
         c = self.cfg
         norm = grad_norm.float()
         grads_ok = torch.isfinite(norm)
-        loss_spike = self._loss_spike(loss_ok, loss)
-        any_bad = None
+        peer = torch.zeros_like(loss_ok)
         if dist.is_available() and dist.is_initialized():
-            # every rank takes the same decision: skip if any rank's loss or gradients are
-            # bad (one collective, no host sync), and feed the scale policy the same flags
-            flags = torch.stack([~loss_ok, ~grads_ok, loss_spike]).float()
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            any_bad = flags.amax() > 0
-            local_bad = ~loss_ok | ~grads_ok | loss_spike
-            loss_ok, grads_ok = flags[0] == 0, grads_ok & (flags[1] == 0)
-            loss_spike = loss_spike | (flags[2] > 0)
+            local_bad = ~loss_ok | ~grads_ok
+            value = loss.float() if loss is not None else torch.zeros((), device=norm.device)
+            packed = torch.stack([(~loss_ok).float(), (~grads_ok).float(), value])
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+            loss_ok, grads_ok = packed[0] == 0, grads_ok & (packed[1] == 0)
+            loss = packed[2] / dist.get_world_size() if loss is not None else None
+            peer = ~local_bad & ~(loss_ok & grads_ok)
+        loss_spike = self._loss_spike(loss_ok, loss)
         threshold = self.norm_mean + c.spike_zscore * self.norm_var.clamp(min=0).sqrt()
         armed = self.norm_count >= c.spike_warmup
         spike = grads_ok & armed & (norm > threshold) & (c.spike_policy != "off")
@@ -123,8 +130,6 @@ class StepGuard:
         reason = torch.where(loss_spike, LOSS_SPIKE, reason)
         reason = torch.where(~grads_ok, OVERFLOW, reason)
         reason = torch.where(~loss_ok, NONFINITE_LOSS, reason)
-        if any_bad is not None:
-            reason = torch.where(any_bad & ~local_bad, PEER, reason)
         skip = (reason != OK).float()
         max_norm = torch.full_like(norm, self.gradient_clip if self.gradient_clip > 0 else float("inf"))
         if c.spike_policy == "clip":
@@ -138,7 +143,7 @@ class StepGuard:
         if loss is not None:
             self._update_loss_stats(loss.float(), good)
         return Verdict(skip=skip, reason=reason, band=band, max_norm=max_norm,
-                       overflow=loss_ok & ~grads_ok, loss_ok=loss_ok)
+                       overflow=loss_ok & ~grads_ok, loss_ok=loss_ok, loss=loss, peer=peer)
 
     def _loss_spike(self, loss_ok: torch.Tensor, loss: torch.Tensor | None) -> torch.Tensor:
         """Whether a finite loss is far above the running statistics of good steps' losses."""
@@ -179,6 +184,8 @@ class StepGuard:
         """Record a judged step in the counters and the history (device ops only)."""
         skipped = verdict.reason != OK
         self.skips += F.one_hot(verdict.reason, len(REASONS))  # sync-free on every device
+        if verdict.peer is not None:
+            self.peer_skips += verdict.peer.long()
         self.bands += F.one_hot(verdict.band, len(BANDS))
         self.good_steps += (~skipped).long()
         rollback_skip = skipped & counts_toward_rollback
@@ -204,21 +211,22 @@ class StepGuard:
         """Every counter and the history window, as Python values: one host sync."""
         flat = torch.cat([
             self.skips.double(), self.bands.double(),
-            torch.stack([self.good_steps, self.consecutive_skips, self.spikes_clipped]).double(),
+            torch.stack([self.good_steps, self.consecutive_skips, self.spikes_clipped, self.peer_skips]).double(),
             self.history.double().flatten(),
         ]).tolist()  # host sync
         n_r, n_b = len(REASONS), len(BANDS)
-        history = flat[n_r + n_b + 3:]
+        history = flat[n_r + n_b + 4:]
         return {
             "skips": dict(zip(REASONS, map(int, flat[:n_r]))),
             "bands": dict(zip(BANDS, map(int, flat[n_r:n_r + n_b]))),
             "good_steps": int(flat[n_r + n_b]),
             "consecutive_skips": int(flat[n_r + n_b + 1]),
             "spikes_clipped": int(flat[n_r + n_b + 2]),
+            "peer_skips": int(flat[n_r + n_b + 3]),
             "history": [history[i * 6:(i + 1) * 6] for i in range(self.window)],
         }
 
-    _STATE = ("good_steps", "consecutive_skips", "skips", "bands", "spikes_clipped",
+    _STATE = ("good_steps", "consecutive_skips", "skips", "bands", "spikes_clipped", "peer_skips",
               "norm_mean", "norm_var", "norm_count", "loss_mean", "loss_var", "loss_count", "history")
 
     def state_dict(self) -> dict[str, torch.Tensor]:

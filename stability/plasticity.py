@@ -33,6 +33,7 @@ from torch import nn
 
 from model.plasticity import stdp_update
 from stability.config import GuardConfig, PlasticityConfig
+from stability.distributed import Dist, all_reduce_, full, is_sharded, local
 from stability.faults import FaultInjector
 
 _EMA_FAST, _EMA_SLOW = 0.9, 0.99
@@ -41,8 +42,9 @@ _META_WARMUP = 10  # steps of loss statistics before "plateau" means anything
 
 class PlasticityController:
     def __init__(self, model: nn.Module, cfg: PlasticityConfig, guard_cfg: GuardConfig, params: list[nn.Parameter],
-                 group_names: list[str], device: torch.device, injector: FaultInjector | None = None):
-        self.cfg, self.guard_cfg, self.injector = cfg, guard_cfg, injector
+                 group_names: list[str], device: torch.device, injector: FaultInjector | None = None,
+                 dist: Dist = Dist()):
+        self.cfg, self.guard_cfg, self.injector, self.dist = cfg, guard_cfg, injector, dist
         self.synapses = [block.spiking.synapse.weight for block in model.blocks]
         n = len(self.synapses)
         z = lambda dtype=torch.float32: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
@@ -67,8 +69,10 @@ class PlasticityController:
     def observe_grads(self, grads: list[torch.Tensor]) -> None:
         if not self.cfg.use_meta_plasticity:
             return
-        squares = torch.stack(torch._foreach_norm(grads)).float().square()
+        squares = torch.stack(torch._foreach_norm([local(g) for g in grads])).float().square()
         per_block = torch.zeros(self._n + 1, device=squares.device).index_add_(0, self._param_block, squares)
+        if self.dist.mode == "fsdp":  # each rank holds a shard of every gradient
+            all_reduce_(self.dist, per_block)
         self.block_norms = per_block[: self._n].sqrt()
 
     # -- after the step --------------------------------------------------------------------
@@ -76,26 +80,55 @@ class PlasticityController:
     def after_step(self, out: Any, skip: torch.Tensor | None, loss: torch.Tensor) -> None:
         good = torch.ones((), device=loss.device) if skip is None else 1 - skip
         if self.cfg.use_stdp:
-            for i, aux in enumerate(out.blocks):
-                self._stdp(i, aux.spikes.pre, aux.spikes.post, good)
+            updates = [self._stdp_update(i, aux.spikes.pre, aux.spikes.post) for i, aux in enumerate(out.blocks)]
+            for i, (dw, theta) in enumerate(self._mean_over_ranks(updates)):
+                self._apply_stdp(i, dw, theta, good)
         if self.cfg.use_meta_plasticity:
-            rates = torch.stack([aux.spikes.post.float().mean() for aux in out.blocks])
+            rates = all_reduce_(self.dist, torch.stack([aux.spikes.post.float().mean() for aux in out.blocks]), "mean")
             self._meta(rates, loss, good > 0)
 
-    def _stdp(self, i: int, pre: torch.Tensor, post: torch.Tensor, good: torch.Tensor) -> None:
+    def _stdp_update(self, i: int, pre: torch.Tensor, post: torch.Tensor):
+        """Block ``i``'s STDP change for this rank's batch (faults are injected here)."""
         c = self.cfg
         dw, theta = stdp_update(c.stdp_type, pre.detach(), post.detach(), c.stdp_tau_plus, c.stdp_tau_minus,
                                 c.stdp_target_rate, self.theta[i])
         dw = dw * (c.stdp_learning_rate * self.m_stdp[i])
         if self.injector is not None:
             dw = self.injector.on_plasticity(dw)
+        return dw, theta
+
+    def _mean_over_ranks(self, updates):
+        """Every rank applies the same change: the mean of the ranks' changes (and BCM
+        thresholds), in one all-reduce. A NaN on one rank is a NaN on all, and is dropped."""
+        if not self.dist.active:
+            return updates
+        parts = [t for dw, theta in updates for t in ((dw,) if theta is None else (dw, theta))]
+        flat = all_reduce_(self.dist, torch.cat([t.reshape(-1).float() for t in parts]), "mean")
+        out, offset = [], 0
+        for dw, theta in updates:
+            reduced = []
+            for t in (dw, theta):
+                if t is None:
+                    reduced.append(None)
+                    continue
+                reduced.append(flat[offset:offset + t.numel()].view_as(t).to(t.dtype))
+                offset += t.numel()
+            out.append(tuple(reduced))
+        return out
+
+    def _apply_stdp(self, i: int, dw: torch.Tensor, theta: torch.Tensor | None, good: torch.Tensor) -> None:
         w = self.synapses[i]
         finite = torch.isfinite(dw).all()
         safe = torch.where(finite, dw, torch.zeros_like(dw))  # NaN never reaches the weight
-        limit = self.guard_cfg.plasticity_max_norm * w.detach().norm()
+        limit = self.guard_cfg.plasticity_max_norm * full(w.detach().norm())
         norm = safe.norm()
         scale = (limit / (norm + 1e-12)).clamp(max=1.0)
-        w.add_(safe * (scale * good).to(w.dtype))
+        delta = safe * (scale * good).to(w.dtype)
+        if is_sharded(w):  # every rank has the whole delta: each adds its own rows, no collective
+            from torch.distributed.tensor import distribute_tensor
+
+            delta = distribute_tensor(delta, w.device_mesh, w.placements, src_data_rank=None)
+        w.add_(delta)
         applied = (good > 0).long()
         self.dropped[i] += (~finite).long() * applied
         self.clipped[i] += (finite & (norm > limit)).long() * applied

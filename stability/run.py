@@ -30,6 +30,7 @@ and 143 by SIGTERM (preemption): the state is saved, --resume continues it.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import signal
@@ -54,6 +55,8 @@ from stability.checkpoint import (
 )
 from stability.config import RunSpec
 from stability.continual import EWC, ReplayBuffer, format_matrix, per_sequence_loss, transfer
+from stability.data import DataError
+from stability.distributed import Dist, any_rank, barrier, broadcast, device_of, gather, main_first, wrap
 from stability.faults import FaultInjector, parse_faults
 from stability.guard import OVERFLOW, REASONS
 from stability.monitor import Monitor, Totals
@@ -92,11 +95,14 @@ _RESUME_MUST_MATCH = ("batch_size", "sequence_length", "gradient_accumulation_st
                       "amp_dtype", "task", "log_every")
 
 
-def check_resume(ckpt: dict[str, Any], spec: RunSpec, fingerprint: str) -> None:
+def check_resume(ckpt: dict[str, Any], spec: RunSpec, fingerprint: str, world: int = 1) -> None:
     """Resuming continues the same run: model, data, plasticity and task flags must be
-    those it started with."""
+    those it started with, and so must the number of processes."""
     saved = ckpt["config"]
     problems = []
+    if len(ckpt["ranks"]) != world:
+        problems.append(f"torchrun --nproc_per_node: checkpoint was written by {len(ckpt['ranks'])} process(es), "
+                        f"this run has {world}")
     pairs = [(n, v, getattr(spec.model, n)) for n, v in ModelConfig.from_dict(saved["model"]).to_dict().items()
              if n != "extra"]
     pairs += [(n, saved["train"].get(n), getattr(spec.train, n)) for n in _RESUME_MUST_MATCH]
@@ -148,9 +154,9 @@ def _denormals_flushed() -> bool:
 
 
 class Run:
-    def __init__(self, spec: RunSpec, stream: TextIO | None = None):
-        self.spec = spec
-        self.stream_out = stream or sys.stdout
+    def __init__(self, spec: RunSpec, stream: TextIO | None = None, dist: Dist = Dist()):
+        self.spec, self.dist = spec, dist
+        self.stream_out = (stream or sys.stdout) if dist.main else io.StringIO()  # rank 0 speaks
         self.stop_signal: int | None = None
         self._saving = False
         self._done = False
@@ -162,50 +168,66 @@ class Run:
 
     # set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
-        spec, t = self.spec, self.spec.train
-        self.device = resolve_device(t.device)
+        spec, t, d = self.spec, self.spec.train, self.dist
+        self.device = device_of(d, resolve_device(t.device))
         self.amp_dtype = resolve_amp_dtype(t, self.device)
-        self.faults = parse_faults(spec.guard.inject_fault)
-        self.out = _output_dir(t)
-        self.checkpoints = CheckpointDir(self.out / "checkpoints", t.keep_checkpoints)
+        ranks = {f.rank for f in parse_faults(spec.guard.inject_fault)} - {None}
+        if any(r >= d.world for r in ranks):
+            raise BadInput(f"--inject-fault: rank {max(ranks)} named, but this run has {d.world} process(es) "
+                           f"(ranks 0-{d.world - 1})")
+        self.faults = parse_faults(spec.guard.inject_fault, rank=d.rank)
+        self.out = Path(broadcast(d, _output_dir(t) if d.main else None))  # rank 0's runs/<timestamp>
+        self.checkpoints = CheckpointDir(self.out / "checkpoints", t.keep_checkpoints, d)
+        if t.batch_size % d.world:
+            raise BadInput(f"--batch-size {t.batch_size} is the global batch, split over {d.world} processes; "
+                           f"make it a multiple of {d.world}")
         if t.resume and not self.checkpoints.last.exists():
             raise BadInput(f"--resume: no checkpoint at {self.checkpoints.last}; start without --resume or fix "
                            "--output-dir")
         if not t.resume and self.checkpoints.last.exists():
             raise BadInput(f"--output-dir {self.out} already holds a run ({self.checkpoints.last}); pass --resume "
                            "to continue it or choose another --output-dir")
-        check_memory(spec, self.device)
-        self.tokenizer, corpus, tasks = prepare_data(spec)
+        per_rank = replace(spec, train=replace(t, batch_size=t.batch_size // d.world))
+        main_first(d, lambda: check_memory(per_rank, self.device), (BadInput,), others=False)  # one verdict
+        # rank 0 trains the tokenizer and fills the token caches; the others then read them
+        self.tokenizer, corpus, tasks = main_first(d, lambda: prepare_data(spec), (DataError, BadInput))
         self.fingerprint = corpus.fingerprint()
         self.spec = spec = replace(spec, model=replace(spec.model, vocab_size=self.tokenizer.vocab_size))
         ckpt = self._load_resume_checkpoint() if t.resume else None
         if ckpt is not None:
-            check_resume(ckpt, spec, self.fingerprint)
-        torch.manual_seed(t.seed)
+            check_resume(ckpt, spec, self.fingerprint, d.world)
+        torch.manual_seed(t.seed)  # every rank builds the same model
         self.model = HybridLM(spec.model).to(self.device)
         self.injector = FaultInjector(self.faults, self.model) if self.faults else None
+        wrapped = wrap(d, self.model, self.device, self.amp_dtype)
+        if d.active:
+            torch.manual_seed(t.seed + 1_000_003 * d.rank)  # and draws its own dropout masks
         self.trainer = Trainer(self.model, t, spec.guard, self.device, 1, self.amp_dtype, self.injector,
-                               spec.plasticity)
+                               spec.plasticity, dist=d, wrapped=wrapped)
         c = spec.continual
-        self.ewc = EWC(self.model, c.consolidation_strength) if c.continual_learning else None
-        replay = ReplayBuffer(c.replay_buffer_size, c.replay_strategy, t.seed) if c.use_replay else None
-        self.stream = DataStream(tasks, t.epochs, t.gradient_accumulation_steps, replay, c.replay_fraction)
+        self.ewc = EWC(self.model, c.consolidation_strength, d) if c.continual_learning else None
+        replay = ReplayBuffer(c.replay_buffer_size, c.replay_strategy, t.seed + d.rank) if c.use_replay else None
+        self.stream = DataStream(tasks, t.epochs, t.gradient_accumulation_steps, replay, c.replay_fraction,
+                                 d.rank, d.world)
         self.trainer.total_steps = self._horizon(0)
         self.recovery = Recovery(spec.guard)
         self.best_val = math.inf
         self.matrix: list[list[float]] = []
         self.task_start_step = 0
-        self.report = Reporter(self.out, self.stream_out, t.progress)
+        self.report = Reporter(self.out if d.main else None, self.stream_out, t.progress if d.main else "lines")
         self.monitor = Monitor(self.report, spec.guard, t.gradient_clip, t.log_every, 0)
-        self.out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.out, self.checkpoints.root)  # a writer killed mid-write left them
+        if d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out, self.checkpoints.root)  # a writer killed mid-write left them
         if ckpt is not None:
             self._restore(ckpt)
             if ckpt.get("kept") and not self.checkpoints.kept_path(self.trainer.step).exists():
                 self.checkpoints.relink()  # the run died between writing last.pt and linking it
             self._write_quarantine()
-        self._write_config()
-        save_tokenizer(self.tokenizer, self.out)  # lsnn sample / eval / export read it
+        if d.main:
+            self._write_config()
+            save_tokenizer(self.tokenizer, self.out)  # lsnn sample / eval / export read it
+        barrier(d)
 
     @property
     def tasks(self) -> list[TaskData]:
@@ -234,6 +256,7 @@ class Run:
             "corpus": self.fingerprint,
             "device": str(self.device),
             "precision": _PRECISION[self.amp_dtype],
+            "distributed": {"mode": self.dist.mode, "world": self.dist.world},
             "torch": torch.__version__,
         }
         atomic_write(self.out / "config.json", json.dumps(config, indent=2, default=str))
@@ -285,18 +308,30 @@ class Run:
             boundary = window.epoch_end is not None
             budget = self._budget_spent()
             periodic = stepped and t.checkpoint_every > 0 and step % t.checkpoint_every == 0
-            if (stepped and step % t.log_every == 0) or boundary or budget or periodic:
-                if self._sync():  # rolled back: the window's epoch and task ends never happened
-                    if self.stop_signal is not None:
-                        return self._interrupted()
-                    continue
+            due = (stepped and step % t.log_every == 0) or boundary or budget or periodic
+            if due and self._sync():  # rolled back: the window's epoch and task ends never happened
+                if self._stop_agreed(due):
+                    return self._interrupted()
+                continue
             if boundary or budget:
                 self._boundary(window, budget)
             elif periodic:
                 self._save(keep=self._healthy)
-            if self.stop_signal is not None:
+            if self._stop_agreed(due):
                 return self._interrupted()
         return None
+
+    def _stop_agreed(self, sync_point: bool) -> bool:
+        """Whether to stop for a signal now: at once with one process; under torchrun at
+        the next sync point, when every rank learns whether any rank got one, so all stop
+        at the same step and none is left waiting in a collective."""
+        if not self.dist.active:
+            return self.stop_signal is not None
+        if not sync_point:
+            return False
+        signals = gather(self.dist, self.stop_signal) if any_rank(self.dist, self.stop_signal is not None) else []
+        self.stop_signal = next((sig for sig in signals if sig is not None), None)
+        return self.stop_signal is not None
 
     def _train(self, window: Window) -> None:
         batches = [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
@@ -455,7 +490,7 @@ class Run:
             "trainer": self.trainer.state_dict(),
             "position": self.stream.position.as_dict(),  # the next batch to read
             "stream": self.stream.state_dict(),
-            "rng": rng_state(),
+            "ranks": gather(self.dist, {"rng": rng_state(), **self.stream.rank_state()}),  # each rank's own
             "best_val": self.best_val,
             "window": {"last_sync_step": self.monitor.last_sync_step, "totals": self.monitor.totals.state_dict(),
                        "healthy": self._healthy, "last_pos": self._last_pos.as_dict(),
@@ -472,9 +507,10 @@ class Run:
         """Load a checkpoint (resume) or a rollback target. A rollback keeps what the run
         has learnt since: the quarantine, the recovery state, the best validation loss,
         the epoch's totals and metrics.jsonl as written."""
+        mine = state["ranks"][self.dist.rank]
         self.trainer.load_state_dict(state["trainer"])
-        self.stream.load_state_dict(state["stream"], keep_quarantine=rollback)
-        set_rng_state(state["rng"])
+        self.stream.load_state_dict(state["stream"], mine, keep_quarantine=rollback)
+        set_rng_state(mine["rng"])
         cont = state["continual"]
         self.matrix, self.task_start_step = [list(r) for r in cont["matrix"]], cont["task_start_step"]
         if self.ewc is not None:
@@ -502,12 +538,13 @@ class Run:
         try:
             self._persist_snapshot()
             self.checkpoints.save(self._state(), keep=keep)
-        except CorruptStateError as e:
+        except CorruptStateError as e:  # every rank finds the same weights non-finite
             self.report.warn(f"{e}; keeping the previous checkpoint")
             self._last_save_ok = False
             return False
         finally:
             self._saving = False
+            barrier(self.dist)  # no rank reads a checkpoint before rank 0 has written it
         self._write_quarantine()
         self._last_save_ok = True
         return True
@@ -530,6 +567,8 @@ class Run:
 
     def _write_quarantine(self) -> None:
         """quarantine.jsonl: every batch a rollback took out of the stream, with its sources."""
+        if not self.dist.main:
+            return
         path = self.out / "quarantine.jsonl"
         lines = [json.dumps({**self.stream.describe(p), **why}) for p, why in sorted(self.stream.quarantined.items())]
         if lines or path.exists():
@@ -540,15 +579,14 @@ class Run:
         """The steps of the skip streak that triggered a rollback (fp16 overflows belong to
         the loss scale and do not count)."""
         scaled = self.trainer.policy.enabled
-        failed = []
-        for s in range(step, 0, -1):
-            if len(failed) == consecutive or s not in self._steps:
-                break
+        failed, s = [], step
+        while len(failed) < consecutive and s in self._steps:
             reason = self._steps[s][1]
             if reason in (None, "ok"):
                 break
             if not (scaled and reason == REASONS[OVERFLOW]):
                 failed.append(s)
+            s -= 1
         return failed[::-1]
 
     def _rollback_target(self) -> tuple[dict[str, Any], str, bool] | None:
@@ -587,7 +625,9 @@ class Run:
             f"step {step}: {consecutive} consecutive skipped steps ({reason}); rolled back to step "
             f"{self.trainer.step} from {source} (rollback {self.recovery.rollbacks}/{self.spec.guard.max_rollbacks}), "
             f"quarantined {len(failed)} batches (see quarantine.jsonl), learning rate x{self.recovery.lr_factor:g}")
-        self.report.record("rollback", step=step, to_step=self.trainer.step, reason=reason, source=source,
+        # the record leaves out where the state came from (memory, or a kept checkpoint after a
+        # restart): the same state either way, and a resumed run must write the same records
+        self.report.record("rollback", step=step, to_step=self.trainer.step, reason=reason,
                            rollbacks=self.recovery.rollbacks, failed_batches=len(failed),
                            batches=[self.stream.describe(p) for p in failed])
         self._save(keep=False)  # the rolled-back state is what a restart must continue from
@@ -595,9 +635,18 @@ class Run:
     def _diagnose(self, reason: str, step: int) -> dict[str, Any]:
         last = self._steps.get(step, [[]])[0] or [self._last_pos]
         diag = diagnose(self.model, self._device(self.stream.raw(last[-1])), lm_loss, self.trainer.autocast)
-        return {"step": step, "reason": reason, "nonfinite_weights": diag.nonfinite_weights,
-                "nonfinite_activations": diag.nonfinite_activations, "nonfinite_grads": diag.nonfinite_grads,
-                "loss": diag.loss, "lines": diag.lines(), "batches": [self.stream.describe(p) for p in last]}
+        report = {"step": step, "reason": reason, "nonfinite_weights": diag.nonfinite_weights,
+                  "nonfinite_activations": diag.nonfinite_activations, "nonfinite_grads": diag.nonfinite_grads,
+                  "loss": diag.loss, "lines": diag.lines(), "batches": [self.stream.describe(p) for p in last]}
+        if self.dist.active:  # every rank diagnosed its own rows of the batch; rank 0 names the bad ones
+            found = gather(self.dist, {"loss": diag.loss, "activations": diag.nonfinite_activations,
+                                       "peer_skips": int(self.trainer.guard.peer_skips)})  # host sync
+            bad = [r for r, f in enumerate(found) if not math.isfinite(f["loss"]) or f["activations"]]
+            report["ranks"] = found
+            report["bad_ranks"] = bad
+            report["lines"].append(f"ranks whose own batch went bad: {', '.join(map(str, bad)) or 'none'} "
+                                   f"(of {self.dist.world}; the others skipped for them)")
+        return report
 
     def _unrecoverable(self, e: Unrecoverable) -> int:
         report = e.report
@@ -612,9 +661,11 @@ class Run:
                 saved = self.checkpoints.last
             except CorruptStateError as err:
                 self.report.warn(f"{err}; keeping the previous checkpoint")
+        barrier(self.dist)
         last_good_step = target[0]["trainer"]["step"] if target else None
         report.update(error=str(e), last_good_checkpoint=str(saved) if saved else None, last_good_step=last_good_step)
-        atomic_write(self.out / "report.json", json.dumps(report, indent=2, default=str))
+        if self.dist.main:
+            atomic_write(self.out / "report.json", json.dumps(report, indent=2, default=str))
         self.report.line(f"error: training stopped at step {report['step']}: {e}")
         for line in report["lines"]:
             self.report.line(f"  {line}")

@@ -121,10 +121,15 @@ class Window:
 
 
 class DataStream:
+    """Under distributed training every rank holds the same stream and position, and reads
+    the rows ``rank, rank + world, ...`` of each batch (a disjoint, rank-strided slice of
+    the same global window); the replay buffer is each rank's own."""
+
     def __init__(self, tasks: list[TaskData], epochs: int, accumulation: int,
-                 replay: ReplayBuffer | None = None, replay_fraction: float = 0.25):
+                 replay: ReplayBuffer | None = None, replay_fraction: float = 0.25, rank: int = 0, world: int = 1):
         self.tasks, self.epochs, self.accumulation = tasks, epochs, accumulation
         self.replay, self.replay_fraction = replay, replay_fraction
+        self.rank, self.world = rank, world
         self.position = Position()
         self.quarantined: dict[Position, dict[str, Any]] = {}  # position -> why (step, reason)
 
@@ -151,8 +156,11 @@ class DataStream:
         return Window(tuple(positions), Position(pos.task + 1, 0, 0), epoch_end=ended, task_end=pos.task)
 
     def raw(self, pos: Position) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training batch at ``pos`` as stored: (inputs, targets), each (b, l)."""
-        return self.tasks[pos.task].train.get(pos.epoch, pos.index)
+        """This rank's rows of the training batch at ``pos``: (inputs, targets), each (b, l)."""
+        x, y = self.tasks[pos.task].train.get(pos.epoch, pos.index)
+        if self.world == 1:
+            return x, y
+        return x[self.rank::self.world], y[self.rank::self.world]
 
     def batches(self, window: Window) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The window's batches as a step trains on them: with replay, each batch's last
@@ -197,25 +205,29 @@ class DataStream:
         for w in ids:
             first = bisect.bisect_right(task.offsets, w * length) - 1
             last = bisect.bisect_right(task.offsets, w * length + length) - 1
-            for i in range(max(first, 0), last + 1):
-                if i < len(task.sources) and task.sources[i] not in names:
-                    names.append(task.sources[i])
+            for name in task.sources[max(first, 0):last + 1]:
+                if name not in names:
+                    names.append(name)
         return {**pos.as_dict(), "windows": ids, "sources": names}
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """What every rank shares: the position and the quarantine."""
         return {
             "position": self.position.as_dict(),
             "quarantined": [[*p.as_dict().values(), why["step"], why["reason"]]
                             for p, why in sorted(self.quarantined.items())],
-            "replay": self.replay.state_dict() if self.replay is not None else None,
         }
 
-    def load_state_dict(self, state: dict[str, Any], keep_quarantine: bool = False) -> None:
-        """Restore a checkpoint's stream; a rollback keeps today's quarantine, which is
-        what it learnt since that checkpoint."""
+    def rank_state(self) -> dict[str, Any]:
+        """What is this rank's own: its replay buffer."""
+        return {"replay": self.replay.state_dict() if self.replay is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any], mine: dict[str, Any], keep_quarantine: bool = False) -> None:
+        """Restore a checkpoint's stream (``mine``: this rank's part); a rollback keeps
+        today's quarantine, which is what it learnt since that checkpoint."""
         self.position = Position(**state["position"])
         if not keep_quarantine:
             self.quarantined = {Position(t, e, i): {"step": s, "reason": r} for t, e, i, s, r in state["quarantined"]}
         if self.replay is not None:
-            self.replay.load_state_dict(state["replay"])
+            self.replay.load_state_dict(mine["replay"])

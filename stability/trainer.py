@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stability.config import ConfigError, GuardConfig, PlasticityConfig, TrainConfig
+from stability.distributed import Dist, all_reduce_, full
 from stability.faults import FaultInjector
 from stability.guard import OVERFLOW, StepGuard, Verdict
 from stability.plasticity import PlasticityController
@@ -151,8 +152,13 @@ class Trainer:
         injector: FaultInjector | None = None,
         plasticity_cfg: PlasticityConfig | None = None,
         loss_hook: Callable[[nn.Module], torch.Tensor] | None = None,
+        dist: Dist = Dist(),
+        wrapped: nn.Module | None = None,
     ):
+        """``model`` is the network every part reads (parameter groups, plasticity, state);
+        ``wrapped`` what the step calls: its DDP wrapper (or, under FSDP2, itself)."""
         self.model, self.cfg, self.guard_cfg = model, cfg, guard_cfg
+        self.dist, self.wrapped = dist, wrapped if wrapped is not None else model
         self.device, self.total_steps, self.amp_dtype = device, total_steps, amp_dtype
         self.injector, self.loss_hook = injector, loss_hook
         groups = param_groups(model, cfg.weight_decay)
@@ -171,12 +177,21 @@ class Trainer:
         self.plasticity = None
         if plasticity_cfg is not None and (plasticity_cfg.use_stdp or plasticity_cfg.use_meta_plasticity):
             self.plasticity = PlasticityController(model, plasticity_cfg, guard_cfg, self.params,
-                                                   [g["name"] for g in groups], device, injector)
+                                                   [g["name"] for g in groups], device, injector, dist)
 
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _gradient_sync(self, last: bool):
+        """Gradients are reduced across ranks once per window: DDP's ``no_sync`` and FSDP2's
+        ``set_requires_gradient_sync`` hold back every micro-batch but the last."""
+        if self.dist.mode == "ddp" and not last:
+            return self.wrapped.no_sync()
+        if self.dist.mode == "fsdp":
+            self.wrapped.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
 
     def current_lr(self) -> torch.Tensor:
         c = self.cfg
@@ -199,29 +214,31 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
         for micro, (x, y) in enumerate(batches):
-            with self.autocast():
-                out = self.model(x, return_aux=True)
-                loss = lm_loss(out.logits, y)
-            if self.injector:
-                loss = self.injector.on_loss(loss, micro)
-            total = loss if self.loss_hook is None else loss + self.loss_hook(self.model)  # + EWC
-            loss_ok &= torch.isfinite(total)  # one bad micro-batch voids the window
-            self.policy.scale(total / len(batches)).backward()
+            with self._gradient_sync(last=micro == len(batches) - 1):
+                with self.autocast():
+                    out = self.wrapped(x, return_aux=True)
+                    loss = lm_loss(out.logits, y)
+                if self.injector:
+                    loss = self.injector.on_loss(loss, micro)
+                total = loss if self.loss_hook is None else loss + self.loss_hook(self.model)  # + EWC
+                loss_ok &= torch.isfinite(total)  # one bad micro-batch voids the window
+                self.policy.scale(total / len(batches)).backward()
             loss_sum += loss.detach()  # the language-model loss, comparable to validation
             tokens += y.numel()
         mean_loss = loss_sum / len(batches)
         if self.injector:
             self.injector.on_grads()
-        # 3. unscale and measure
+        # 3. unscale and measure (FSDP2's shards reduced to the full norm: a collective, no sync)
         self.policy.unscale_(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        grad_norm = full(torch.nn.utils.get_total_norm(grads, foreach=True))
         if self.plasticity is not None:
             self.plasticity.observe_grads(grads)
         if not self.guard_cfg.guard:
             return self._unguarded_step(grads, grad_norm, mean_loss, tokens, out, lr)
         # 4. judge, clip, guarded step
         verdict = self.guard.judge(loss_ok, grad_norm, mean_loss)
+        mean_loss = verdict.loss  # over every rank
         if self.cfg.gradient_clip > 0 or self.guard_cfg.spike_policy == "clip":
             clip_(grads, verdict.max_norm, grad_norm)
         self.optimizer.found_inf = verdict.skip  # the fused kernel leaves everything untouched
@@ -270,15 +287,18 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         count = torch.zeros((), dtype=torch.int64, device=self.device)
         for x, y in batches:
+            if x.shape[0] == 0:  # this rank's slice of a last, short batch
+                continue
             with self.autocast():
-                logits = self.model(x)
+                logits = self.model(x)  # under FSDP2 the model is its sharded self
             mask = y != -100
             ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
             total += ce.double()
             correct += ((logits.argmax(-1) == y) & mask).sum()
             count += mask.sum()
         self.model.train()
-        total_f, correct_i, count_i = torch.stack([total, correct.double(), count.double()]).tolist()  # host sync
+        sums = all_reduce_(self.dist, torch.stack([total, correct.double(), count.double()]))  # over every rank
+        total_f, correct_i, count_i = sums.tolist()  # host sync
         if count_i == 0:
             raise ValueError("validation produced no tokens; the validation split is empty")
         loss = total_f / count_i

@@ -1,9 +1,9 @@
 """Under distributed training every rank takes the same skip decision.
 
 Two CPU processes (gloo, a file store: nothing leaves the machine); only rank 1 sees a
-NaN loss at step 2. Both must skip it and their weights stay identical. Under DDP the NaN
-reaches rank 0 through the gradient all-reduce; without gradient averaging rank 0's own
-step is clean, and it records the skip as a peer's.
+NaN loss at step 2. Both must skip it, record the same reason, and their weights stay
+identical. Under DDP the NaN reaches rank 0 through the gradient all-reduce; without
+gradient averaging rank 0's own step is clean, and it counts the skip as a peer's.
 """
 
 import pytest
@@ -30,7 +30,8 @@ def _worker(rank: int, store: str, ddp: bool, results) -> None:
             trainer.train_step([b])
         counters = trainer.guard.read()
         module = model.module if ddp else model
-        results[rank] = ({k: v.clone() for k, v in module.state_dict().items()}, counters["skips"])
+        results[rank] = ({k: v.clone() for k, v in module.state_dict().items()}, counters["skips"],
+                         counters["peer_skips"])
     finally:
         dist.destroy_process_group()
 
@@ -39,7 +40,7 @@ def _worker(rank: int, store: str, ddp: bool, results) -> None:
 def test_every_rank_skips_a_step_that_failed_on_one_rank(tmp_path, ddp):
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(str(tmp_path / "store"), ddp, results), nprocs=2, join=True)
-    (w0, skips0), (w1, skips1) = results[0], results[1]
+    (w0, skips0, peer0), (w1, skips1, peer1) = results[0], results[1]
     assert all(torch.equal(w0[k], w1[k]) for k in w0), "ranks diverged"
-    assert skips1 == {**skips1, "ok": 3, "nonfinite_loss": 1, "peer": 0}
-    assert skips0 == {**skips0, "ok": 3, "nonfinite_loss": int(ddp), "peer": int(not ddp)}
+    assert skips0 == skips1 == {**skips1, "ok": 3, "nonfinite_loss": 1}
+    assert peer1 == 0 and peer0 == int(not ddp)

@@ -88,7 +88,7 @@ def test_counters_and_consecutive_skips():
     for s, norm in enumerate([1.0, math.inf, math.nan, math.inf, 1.0, math.inf]):
         judge_and_commit(g, s, norm)
     c = g.read()
-    assert c["skips"] == {"ok": 2, "nonfinite_loss": 0, "overflow": 4, "spike": 0, "peer": 0, "loss_spike": 0}
+    assert c["skips"] == {"ok": 2, "nonfinite_loss": 0, "overflow": 4, "spike": 0, "loss_spike": 0}
     assert c["good_steps"] == 2
     assert c["consecutive_skips"] == 1
     assert c["bands"]["exploded"] == 4 and c["bands"]["healthy"] == 2
