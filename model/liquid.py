@@ -229,7 +229,7 @@ def cfc_scan_ref(
 
 
 class _CfCScan(torch.autograd.Function):
-    """``cfc_scan_ref`` at six ops a token, with a hand-written backward.
+    """``cfc_scan_ref`` at five kernels a token, with a hand-written backward.
 
     With tanh(f) = 2 sigmoid(2 f) - 1 and m = (h + 1) / 2 the step becomes
 
@@ -247,21 +247,21 @@ class _CfCScan(torch.autograd.Function):
     def forward(ctx, zx, h0, w_h, w_p, b_p, scale_in: float, scale_out: float):  # type: ignore[override]
         q = h0.shape[1]
         rows = torch.tensor([2.0, 2.0, 1.0], dtype=zx.dtype, device=zx.device).repeat_interleave(q)  # (3q)
-        zx_m = (zx.transpose(0, 1) - w_h.sum(1)).mul_(scale_in)  # (l b k)
+        b, l, k = zx.shape
         w_mt = (w_h.t() * (2 * scale_in)).contiguous()  # (q k)
         w_pt = (w_p.t() * (rows * scale_out)).contiguous()  # (k 3q)
-        b_pm = b_p * rows  # (3q)
         m0 = (h0 + 1) * 0.5
-        # every token writes into its slot of preallocated buffers, through views made in
-        # bulk before the loop: five kernels a token, no per-token chunk, no final stack
-        l, b, k = zx_m.shape
-        acts, sigs, m_all = zx_m.new_empty(l, b, k), zx_m.new_empty(l, b, 3 * q), zx_m.new_empty(l, b, q)
+        # The buffers start as the additive terms (zx' and the bias), and each token's
+        # products accumulate into its slot in place (addmm_, beta = 1): five kernels a
+        # token and no copy inside them, where addmm(..., out=) copies its summand first.
+        acts = torch.sub(zx.transpose(0, 1), w_h.sum(1), out=zx.new_empty(l, b, k)).mul_(scale_in)  # (l b k)
+        sigs = (b_p * rows).expand(l, b, 3 * q).contiguous()  # (l b 3q)
+        m_all = zx.new_empty(l, b, q)
         heads = [x.unbind(0) for x in sigs.view(l, b, 3, q).unbind(2)]  # 3 x l x (b q)
         m = m0
-        for zx_t, a, s, f1, f2, gate, m_t in zip(zx_m.unbind(0), acts.unbind(0), sigs.unbind(0), *heads,
-                                                  m_all.unbind(0)):
-            torch.addmm(zx_t, m, w_mt, out=a).tanh_()  # (b k)
-            torch.addmm(b_pm, a, w_pt, out=s).sigmoid_()  # (b 3q)
+        for a, s, f1, f2, gate, m_t in zip(acts.unbind(0), sigs.unbind(0), *heads, m_all.unbind(0)):
+            a.addmm_(m, w_mt).tanh_()  # (b k)
+            s.addmm_(a, w_pt).sigmoid_()  # (b 3q)
             m = torch.lerp(f1, f2, gate, out=m_t)  # (b q)
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(m0, w_mt, w_pt, rows, m_all, acts, sigs)
@@ -277,23 +277,24 @@ class _CfCScan(torch.autograd.Function):
         # d m_t / d p_t for every token at once: lerp's partials times sigmoid's.
         coef = torch.stack([1 - g, g, s2 - s1], 2) * (sigs * (1 - sigs)).view(l, b, 3, q)  # (l b 3 q)
         dtanh = 1 - acts * acts  # (l b k)
-        gms = (gy.transpose(0, 1) * 2).unbind(0)  # dL/dm = 2 dL/dh
+        # dL/dm_t = 2 dL/dh_t, and the carry from m_{t+1} accumulates into the same slot in
+        # place (addmm_): each slot is the whole dL/dm_t when its token's turn comes.
+        gms = torch.mul(gy.transpose(0, 1), 2, out=gy.new_empty(l, b, q))  # (l b q)
+        gms[-1].add_(gh, alpha=2)
         # Per-token gradients go straight into their slot of one buffer (out=): no per-step
         # views or allocations and no stack at the end.
         dp_all, dz_all = acts.new_empty(l, b, 3, q), torch.empty_like(acts)  # (l b 3 q), (l b k)
-        carry = gms[-1] + gh * 2  # (b q), updated in place
-        carry3 = carry.view(b, 1, q)
         steps = zip(
-            reversed(coef.unbind(0)), reversed(dtanh.unbind(0)), reversed((None, *gms[:-1])),
+            reversed(coef.unbind(0)), reversed(dtanh.unbind(0)), reversed(gms.view(l, b, 1, q).unbind(0)),
+            reversed((None, *gms.unbind(0)[:-1])),
             reversed(dp_all.unbind(0)), reversed(dp_all.view(l, b, 3 * q).unbind(0)), reversed(dz_all.unbind(0)),
         )
-        for coef_t, dtanh_t, gm_prev, dp3, dp, dz in steps:
-            torch.mul(coef_t, carry3, out=dp3)  # (b 3 q)
+        for coef_t, dtanh_t, gm3, gm_prev, dp3, dp, dz in steps:
+            torch.mul(coef_t, gm3, out=dp3)  # (b 3 q)
             torch.mm(dp, w_p, out=dz).mul_(dtanh_t)  # (b k)
-            if gm_prev is None:
-                torch.mm(dz, w_m, out=carry)
-            else:
-                torch.addmm(gm_prev, dz, w_m, out=carry)
+            if gm_prev is not None:
+                gm_prev.addmm_(dz, w_m)  # completes dL/dm_{t-1}
+        carry = dz_all[0] @ w_m  # dL/dm_0 -> h0
         dp_all = dp_all.view(l * b, 3 * q)  # (lb 3q)
         m_prev = torch.cat([m0.unsqueeze(0), m_all[:-1]]).view(l * b, q)  # (lb q)
         # Chain back through the folding: zx' = i (zx - w_h 1), w_m = 2 i w_h, rows, m0.
