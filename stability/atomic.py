@@ -66,13 +66,17 @@ def atomic_link(src: Path, dst: Path) -> None:
 
 
 def remove_stale_temporaries(*directories: Path) -> list[Path]:
-    """Delete the temporaries a killed writer left in ``directories``; returns them."""
+    """Delete the temporaries (files, or directories of a sharded checkpoint) a killed
+    writer left in ``directories``; returns them."""
     removed = []
     for directory in directories:
         if not Path(directory).is_dir():
             continue
         for path in Path(directory).iterdir():
-            if path.name.startswith(".") and TMP_MARK in path.name and path.is_file():
-                path.unlink(missing_ok=True)
+            if path.name.startswith(".") and TMP_MARK in path.name:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
                 removed.append(path)
     return removed

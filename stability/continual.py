@@ -43,12 +43,15 @@ class EWC:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.A: list[torch.Tensor] | None = None
         self.B: list[torch.Tensor] | None = None
+        if dist.mode == "fsdp":  # shards of the right placement from the start, for checkpoints to load into
+            self.A = [torch.zeros_like(p) for p in self.params]
+            self.B = [torch.zeros_like(p) for p in self.params]
         self.C = torch.zeros((), device=self.params[0].device)
         self.tasks = 0
 
     @property
     def active(self) -> bool:
-        return self.A is not None and self.strength > 0
+        return self.tasks > 0 and self.strength > 0
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """(lambda / 2) * sum_k F_k (theta - theta*_k)^2, a differentiable scalar."""

@@ -170,8 +170,13 @@ def wrap(d: Dist, model: nn.Module, device: torch.device, amp_dtype: torch.dtype
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if d.mode == "fsdp":
+        import warnings
+
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # FSDP2 warns when a block returns a view (the LIF's spike trains are): only an in-place
+        # op on that output could skip its all-gather, and no module of lsnn writes into one
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         # bf16 compute with fp32 gradient reduction; fp32 without --mixed-precision
         mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype else None
         kwargs = {"mp_policy": mp} if mp is not None else {}

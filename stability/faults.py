@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from stability.distributed import local
+
 SITES = ("loss", "grad", "activation", "param", "plasticity", "overflow", "sigterm", "sigint", "crash")
 KINDS = ("nan", "inf", "-inf", "spike", "jump")
 SPIKE_FACTOR = 1e6
@@ -124,7 +126,8 @@ def corrupt(t: torch.Tensor, kind: str, whole: bool = False) -> torch.Tensor:
 
 
 def corrupt_(t: torch.Tensor, kind: str) -> None:
-    """Corrupt ``t`` in place (gradients and weights)."""
+    """Corrupt ``t`` in place (gradients and weights; of a sharded one, this rank's shard)."""
+    t = local(t)
     if kind in ("spike", "jump"):
         t.mul_(SPIKE_FACTOR if kind == "spike" else JUMP_FACTOR)
     else:

@@ -1,9 +1,14 @@
 """What a run prints and records.
 
-One stream, one writer: plain lines on stdout (a progress bar too when stdout is a
-terminal), ``metrics.jsonl`` with one JSON object per logged step, skipped step, epoch
-and task. An epoch summary is keyed by (task, epoch) and printed exactly once, however
-often it is asked for (the trainer this replaces printed each epoch four times).
+One stream, one writer: plain lines on stdout, ``metrics.jsonl`` with one JSON object per
+logged step, skipped step, epoch and task, and with ``--tensorboard`` the same records as
+TensorBoard scalars under ``RUN_DIR/tensorboard/``. An epoch summary is keyed by (task,
+epoch) and printed exactly once, however often it is asked for (the trainer this
+replaces printed each epoch four times).
+
+On a terminal a tqdm bar sits under the lines: steps, ETA and its step rate move every
+step from Python ints (no tensor is read), loss, skips and tokens/s at each sync point.
+Elsewhere (a log file, a pipe) there is no bar at all, so a log holds each line once.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ from stability.checkpoint import (
     CheckpointDir,
     CorruptStateError,
     UnreadableCheckpoint,
-    load_checkpoint,
+    recover_dirs,
     rng_state,
     set_rng_state,
 )
@@ -181,6 +181,10 @@ class Run:
         if t.batch_size % d.world:
             raise BadInput(f"--batch-size {t.batch_size} is the global batch, split over {d.world} processes; "
                            f"make it a multiple of {d.world}")
+        if t.resume and d.main:  # a writer killed mid-write left these
+            recover_dirs(self.checkpoints.root)
+            remove_stale_temporaries(self.out, self.checkpoints.root)
+        barrier(d)
         if t.resume and not self.checkpoints.last.exists():
             raise BadInput(f"--resume: no checkpoint at {self.checkpoints.last}; start without --resume or fix "
                            "--output-dir")
@@ -218,7 +222,6 @@ class Run:
         self.monitor = Monitor(self.report, spec.guard, t.gradient_clip, t.log_every, 0)
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.out, self.checkpoints.root)  # a writer killed mid-write left them
         if ckpt is not None:
             self._restore(ckpt)
             if ckpt.get("kept") and not self.checkpoints.kept_path(self.trainer.step).exists():
@@ -235,9 +238,13 @@ class Run:
 
     def _load_resume_checkpoint(self) -> dict[str, Any]:
         try:
-            return load_checkpoint(self.checkpoints.last)
+            return self.checkpoints.load(self.checkpoints.last)  # sharded: its shards come in _restore
         except UnreadableCheckpoint as e:
             raise BadInput(f"--resume: {e}") from e
+
+    def _template(self) -> dict[str, Any]:
+        """A fresh state with this rank's shards where a sharded checkpoint has them."""
+        return copy.deepcopy(self._state())
 
     def _horizon(self, task: int) -> int:
         """The schedule's length for ``task``: its epochs, capped by --max-steps (which
@@ -507,6 +514,8 @@ class Run:
         """Load a checkpoint (resume) or a rollback target. A rollback keeps what the run
         has learnt since: the quarantine, the recovery state, the best validation loss,
         the epoch's totals and metrics.jsonl as written."""
+        if self.checkpoints.sharded and not rollback:
+            state = self.checkpoints.materialize(state, self._template())
         mine = state["ranks"][self.dist.rank]
         self.trainer.load_state_dict(state["trainer"])
         self.stream.load_state_dict(state["stream"], mine, keep_quarantine=rollback)
@@ -598,7 +607,7 @@ class Run:
             if snap is not None and step <= snap.step:
                 break
             try:
-                return load_checkpoint(path), str(path.relative_to(self.out)), True
+                return self.checkpoints.load(path, self._template()), str(path.relative_to(self.out)), True
             except UnreadableCheckpoint as e:
                 self.report.warn(f"{e}; trying an older checkpoint")
         if snap is not None:

@@ -166,6 +166,8 @@ class Trainer:
             g["lr"] = torch.zeros((), device=device)  # a tensor: set on the device each step
         self.optimizer = torch.optim.AdamW(groups, lr=torch.zeros((), device=device), fused=True)
         self.params = [p for g in groups for p in g["params"]]
+        if dist.mode == "fsdp":
+            self._init_adam_state()
         # per-group learning-rate multipliers (meta-plasticity) and the rollback factor
         self.group_lr_scale = torch.ones(len(groups), device=device)
         self.lr_factor = torch.ones((), device=device)
@@ -178,6 +180,17 @@ class Trainer:
         if plasticity_cfg is not None and (plasticity_cfg.use_stdp or plasticity_cfg.use_meta_plasticity):
             self.plasticity = PlasticityController(model, plasticity_cfg, guard_cfg, self.params,
                                                    [g["name"] for g in groups], device, injector, dist)
+
+    def _init_adam_state(self) -> None:
+        """Adam's state as its first step would create it (zeros, step 0), created now: a
+        sharded checkpoint needs it to load into, and torch's own initialisation for that
+        (``get_optimizer_state_dict`` on an empty optimizer) takes a real step, counted."""
+        for p in self.params:
+            self.optimizer.state[p] = {
+                "step": torch.zeros((), dtype=torch.float32, device=self.device),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -306,8 +319,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **self._weights_and_moments(),
             "policy": self.policy.state_dict(),
             "guard": self.guard.state_dict(),
             "group_lr_scale": self.group_lr_scale.clone(),
@@ -319,12 +331,26 @@ class Trainer:
             "total_steps": self.total_steps,
         }
 
+    def _weights_and_moments(self) -> dict[str, Any]:
+        if self.dist.mode == "fsdp":  # sharded: every rank its shards (Adam's state initialised if lazy)
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+            return {"model": get_model_state_dict(self.model),
+                    "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a copy: Optimizer.load_state_dict keeps tensors of the right dtype and
         device by reference, so training on would mutate ``state`` (a rollback snapshot
         restored twice would come back advanced)."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        if self.dist.mode == "fsdp":  # this rank's shards, keyed by parameter name
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+            set_model_state_dict(self.model, state["model"])
+            set_optimizer_state_dict(self.model, self.optimizer, copy.deepcopy(state["optimizer"]))
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.policy.load_state_dict(state["policy"])
         self.guard.load_state_dict(state["guard"])
         self.group_lr_scale = state["group_lr_scale"].to(self.device).clone()

@@ -109,3 +109,42 @@ def test_torchrun_runs_the_lsnn_cli(tmp_path, corpus):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done: 8 steps") == 1, "rank 0 alone prints"
     assert [r["step"] for r in records(out, "step")] == [2, 4, 6, 8]
+
+
+# --- FSDP2 --------------------------------------------------------------------------------
+
+FSDP = ["--distributed", "fsdp"]
+
+
+def test_fsdp_trains_like_ddp_and_writes_sharded_checkpoints_that_load_anywhere(tmp_path, corpus):
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    assert run_ranks(_args(corpus, ddp), tmp_path / "w0") == [0, 0]
+    assert run_ranks(_args(corpus, fsdp, *FSDP), tmp_path / "w1") == [0, 0]
+    last = fsdp / "checkpoints" / "last.pt"
+    assert last.is_dir() and (last / "state.pt").is_file() and (last / ".metadata").is_file()
+    state = load_checkpoint(last)  # in this process, with no process group: the full weights
+    assert state["trainer"]["step"] == 8 and len(state["ranks"]) == 2
+    full_weights = rank_weights(tmp_path / "w1", 0)
+    assert _equal(state["trainer"]["model"], full_weights)
+    for k, w in rank_weights(tmp_path / "w0", 0).items():  # the same arithmetic, other reduction orders
+        torch.testing.assert_close(full_weights[k], w, rtol=1e-4, atol=1e-5, msg=k)
+    assert [r["loss"] for r in records(fsdp, "step")] == pytest.approx([r["loss"] for r in records(ddp, "step")],
+                                                                      rel=1e-4)
+
+
+def test_fsdp_stops_on_a_signal_to_one_rank_and_resumes_exactly_across_a_rollback(tmp_path, corpus):
+    extra = [*FSDP, "--log-every", "1", "--rollback-after", "2", "--snapshot-every", "2", "--max-steps", "10"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    # rank 1 corrupts its shard of a weight: every rank skips, then rolls its own shards back
+    assert run_ranks(_args(corpus, straight, *extra, "--inject-fault", "param:nan@4#1"), tmp_path / "w0") == [0, 0]
+    assert len(records(straight, "rollback")) == 1
+    assert run_ranks(_args(corpus, stopped, *extra, "--inject-fault", "param:nan@4#1,sigterm@7#1"),
+                     tmp_path / "w1") == [143, 143]
+    assert run_ranks(_args(corpus, stopped, *extra, "--resume", "--inject-fault", "param:nan@4#1"),
+                     tmp_path / "w2") == [0, 0]
+
+    def strip(recs):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in recs]
+
+    assert strip(records(straight)) == strip(records(stopped))
+    assert _equal(rank_weights(tmp_path / "w0", 0), rank_weights(tmp_path / "w2", 0))
