@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, port: int, argv: list[str], dump: str, codes)
             codes[rank] = (EXIT_BAD_INPUT, str(e))
             return
         codes[rank] = job.fit()
-        weights = {k: full(v).detach().clone() for k, v in job.model.state_dict().items()}
+        weights = {k: full(v).detach().cpu().clone() for k, v in job.model.state_dict().items()}
         torch.save(weights, Path(dump) / f"rank{rank}.pt")
     finally:
         teardown(d)

@@ -148,3 +148,23 @@ def test_fsdp_stops_on_a_signal_to_one_rank_and_resumes_exactly_across_a_rollbac
 
     assert strip(records(straight)) == strip(records(stopped))
     assert _equal(rank_weights(tmp_path / "w0", 0), rank_weights(tmp_path / "w2", 0))
+
+
+# --- NCCL on two GPUs ------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gpus_over_nccl_stay_in_step_through_a_fault_and_a_resume(tmp_path, corpus, mode):
+    cuda = ["--device", "cuda", "--distributed", mode, "--log-every", "1", "--rollback-after", "2",
+            "--snapshot-every", "2", "--max-steps", "10"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_ranks(_args(corpus, straight, *cuda, "--inject-fault", "param:nan@4#1"), tmp_path / "w0") == [0, 0]
+    assert len(records(straight, "rollback")) == 1
+    assert _equal(rank_weights(tmp_path / "w0", 0), rank_weights(tmp_path / "w0", 1))
+    assert run_ranks(_args(corpus, stopped, *cuda, "--inject-fault", "param:nan@4#1,sigterm@7#0"),
+                     tmp_path / "w1") == [143, 143]
+    assert run_ranks(_args(corpus, stopped, *cuda, "--resume", "--inject-fault", "param:nan@4#1"),
+                     tmp_path / "w2") == [0, 0]
+    assert [r["loss"] for r in records(straight, "step")] == [r["loss"] for r in records(stopped, "step")]
