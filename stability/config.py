@@ -104,6 +104,8 @@ class TrainConfig(_Config):
     """Vocabulary size of the bpe tokenizer (byte is 256; tiktoken's are fixed)."""
     progress: Literal["auto", "bar", "lines"] = "auto"
     """Progress output: a bar on a terminal, plain periodic lines otherwise."""
+    tensorboard: bool = False
+    """Also write each metrics.jsonl record as TensorBoard scalars in OUTPUT_DIR/tensorboard/ (extra: tensorboard)."""
 
     def __post_init__(self) -> None:
         p: list[str] = []
