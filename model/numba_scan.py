@@ -370,7 +370,9 @@ class _NumbaScan(torch.autograd.Function):
 
 def _skip_and_gate_inputs(D: Tensor | None, z: Tensor | None, r: int, l: int, dtype) -> tuple[Tensor, Tensor]:
     """D (e) and silu(z) (r l) for the kernels; one-element stand-ins where absent."""
-    D_ = D.to(dtype).contiguous() if D is not None else torch.zeros(1, dtype=dtype)
+    # a copy: D is a parameter, and a numpy view of its memory would make that storage
+    # unresizable, which breaks FSDP2 (it frees each unsharded parameter after the forward)
+    D_ = D.to(dtype, copy=True) if D is not None else torch.zeros(1, dtype=dtype)
     gate = _flat(F.silu(z.to(dtype)), r, l) if z is not None else torch.zeros(1, 1, dtype=dtype)
     return D_, gate
 

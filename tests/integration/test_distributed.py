@@ -39,8 +39,9 @@ def test_ddp_ranks_end_bitwise_equal_skip_one_ranks_fault_together_and_rank_0_al
     assert len(state["ranks"]) == 2 and state["trainer"]["step"] == 8
 
 
-def test_every_plasticity_and_continual_flag_of_phase_4_keeps_the_ranks_bitwise_equal(tmp_path, corpus):
-    phase4 = ["--continual-learning", "--num-tasks", "2", "--val-fraction", "0.2", "--use-stdp",
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_every_plasticity_and_continual_flag_of_phase_4_keeps_the_ranks_bitwise_equal(tmp_path, corpus, mode):
+    phase4 = ["--distributed", mode, "--continual-learning", "--num-tasks", "2", "--val-fraction", "0.2", "--use-stdp",
               "--use-meta-plasticity", "--use-replay", "--use-mamba", "--integration-mode", "bidirectional",
               "--spike-to-mamba-method", "temporal", "--mamba-d-state", "4", "--use-adaptive-gating",
               "--num-gate-heads", "2", "--use-cross-attention", "--cross-attn-heads", "2", "--fisher-batches", "2",
