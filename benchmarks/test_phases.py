@@ -7,10 +7,11 @@ run (these machines are shared; absolute times drift, ratios hold): every ratio 
 comes from ``bench_paired``, which times both steps in every round. Inputs are built in
 fixtures; only the step is timed. On CUDA the step is synchronised inside the timed call.
 
-Two environment variables widen the runs (``scripts/gpu-check`` sets both on a GPU):
+Environment variables widen the runs (``scripts/gpu-check`` sets the first two on a GPU):
 ``LSNN_BENCH_AMP=bf16`` runs every phase, hybrid and Transformer, under bf16 autocast;
 ``LSNN_BENCH_SCAN_IMPLS=parallel,triton`` times the hybrid with each named selective-scan
-implementation (default: auto only).
+implementation (default: auto only); ``LSNN_BENCH_THREADS=1`` sets torch's (and so the
+numba kernel's) thread count, for a machine whose cores other jobs share.
 """
 
 from __future__ import annotations
@@ -32,15 +33,20 @@ from stability.trainer import Trainer, lm_loss
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 AMP = os.environ.get("LSNN_BENCH_AMP", "")
 SCAN_IMPLS = [s for s in os.environ.get("LSNN_BENCH_SCAN_IMPLS", "auto").split(",") if s]
+THREADS = int(os.environ.get("LSNN_BENCH_THREADS", "0"))
 
 
 @pytest.fixture(autouse=True)
 def _flush_denormals():
     """As `lsnn train` does on the CPU: subnormals make any model ~10x slower (the
-    baseline too). Process-wide, so restored afterwards."""
+    baseline too). Process-wide, so restored afterwards; so is the thread count."""
+    threads = torch.get_num_threads()
+    if THREADS:
+        torch.set_num_threads(THREADS)
     torch.set_flush_denormal(True)
     yield
     torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
 
 
 VOCAB = 8192
