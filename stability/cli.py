@@ -122,26 +122,51 @@ def _split(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k in names}
 
 
+# Flags that only mean something with another one: (flags, what they need, whether it is on).
+_DEPENDS: tuple[tuple[tuple[str, ...], str, Any], ...] = (
+    (("num_tasks", "consolidation_strength", "fisher_batches"), "--continual-learning",
+     lambda v: v.get("continual_learning")),
+    (("stdp_type", "stdp_learning_rate", "stdp_tau_plus", "stdp_tau_minus"), "--use-stdp",
+     lambda v: v.get("use_stdp")),
+    (("meta_lr", "meta_min", "meta_max", "meta_rate_tolerance", "meta_plateau"), "--use-meta-plasticity",
+     lambda v: v.get("use_meta_plasticity")),
+    (("replay_buffer_size", "replay_strategy", "replay_fraction"), "--use-replay", lambda v: v.get("use_replay")),
+    (("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "scan_impl"), "--use-mamba",
+     lambda v: v.get("use_mamba")),
+    (("num_gate_heads",), "--use-adaptive-gating", lambda v: v.get("use_adaptive_gating")),
+    (("cross_attn_heads",), "--use-cross-attention", lambda v: v.get("use_cross_attention")),
+    (("ltc_ode_unfolds",), "--liquid-backbone ltc", lambda v: v.get("liquid_backbone") == "ltc"),
+    (("liquid_backbone_units",), "--liquid-backbone cfc (the default)", lambda v: v.get("liquid_backbone", "cfc") == "cfc"),
+    (("spike_rate_window",), "--spike-to-mamba-method rate (the default)",
+     lambda v: v.get("spike_to_mamba_method", "rate") == "rate"),
+    (("spike_temporal_tau",), "--spike-to-mamba-method temporal", lambda v: v.get("spike_to_mamba_method") == "temporal"),
+    (("vocab_size",), "--tokenizer bpe (byte, gpt2 and o200k have fixed vocabularies)",
+     lambda v: v.get("tokenizer", "bpe") == "bpe"),
+)
+
+
+def check_dependencies(explicit: dict[str, Any], values: dict[str, Any]) -> None:
+    """A flag given for a feature that is off would be silently ignored: refuse it."""
+    problems = [f"{flag(name)} only applies with {needs}; add it or drop the flag"
+                for names, needs, on in _DEPENDS for name in names if name in explicit and not on(values)]
+    if problems:
+        raise CliError("\n  - ".join(["flags that would have no effect:", *problems]))
+
+
 def resolve(args: argparse.Namespace):
-    """Configs from dataclass defaults <- the --phase preset <- explicit flags."""
+    """Configs from dataclass defaults <- the --phase preset <- (--tiny sizes) <- explicit flags."""
     explicit = vars(args).copy()
     explicit.pop("command", None)
     phase = explicit.pop("phase", None)
     tiny = explicit.pop("tiny", False)
     explicit.pop("tolerance", None)
-    values = {**(PHASES[phase] if phase else {}), **explicit}
+    values = dict(PHASES[phase]) if phase else {}
     if tiny:
         from stability.drill import TINY, TINY_TRAIN
 
-        values = {**values, **TINY, **TINY_TRAIN}
-    for name in ("num_tasks", "consolidation_strength", "fisher_batches"):
-        if name in explicit and not values.get("continual_learning"):
-            raise CliError(f"--{name.replace('_', '-')} only applies with --continual-learning; "
-                           "add it or drop the flag")
-    stdp_only = ("stdp_type", "stdp_learning_rate", "stdp_tau_plus", "stdp_tau_minus")
-    for name in stdp_only:
-        if name in explicit and not values.get("use_stdp"):
-            raise CliError(f"--{name.replace('_', '-')} only applies with --use-stdp; add it or drop the flag")
+        values.update({**TINY, **TINY_TRAIN})
+    values.update(explicit)
+    check_dependencies(explicit, values)
     try:
         model = ModelConfig(**_split(ModelConfig, values))
     except ValueError as e:  # ModelConfig is in model/, which knows nothing of ConfigError
