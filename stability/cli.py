@@ -2,12 +2,14 @@
 
 Flags are generated from the config dataclasses, so a flag and its field share one name
 and one docstring. ``--phase N`` presets equal the four commands of the users' write-up;
-any flag given explicitly overrides its preset.
+``--config FILE`` (JSON, YAML, TOML, or a run's own config.json) overrides the preset, and
+any flag given explicitly overrides both.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import types
 import typing
@@ -68,11 +70,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] 
         default = f.default if f.default is not MISSING else None
         help_text = docs.get(f.name, "")
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
-        if tp is bool:
-            if default:
-                kw["action"] = argparse.BooleanOptionalAction
-            else:
-                kw["action"] = "store_true"
+        if tp is bool:  # --x and --no-x: a flag can turn off what a --config file turned on
+            kw["action"] = argparse.BooleanOptionalAction
             group.add_argument(flag(f.name), help=help_text, **kw)
             continue
         if typing.get_origin(tp) is Literal:
@@ -110,6 +109,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phase", type=int, choices=sorted(PHASES), default=argparse.SUPPRESS,
                    help="preset equal to phase N of the users' plan (1: minimal, 2: mixed precision, "
                         "3: Mamba + plasticity + continual, 4: everything); explicit flags override it")
+    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                   help="flag values from a JSON, YAML (.yaml/.yml) or TOML file: flat (learning_rate: 0.001 or "
+                        "learning-rate) or in sections as a run's config.json writes them, so --config "
+                        "runs/X/config.json repeats run X; it overrides --phase, explicit flags override it")
     add_config_flags(p, TrainConfig)
     add_config_flags(p, ModelConfig, skip=_SKIP_MODEL_FIELDS)
     add_config_flags(p, GuardConfig)
@@ -153,14 +156,193 @@ def check_dependencies(explicit: dict[str, Any], values: dict[str, Any]) -> None
         raise CliError("\n  - ".join(["flags that would have no effect:", *problems]))
 
 
+# --- --config FILE -------------------------------------------------------------------------
+
+# The sections of a run's config.json that hold flags, and the facts it records beside them
+# (the tokenizer built, the corpus fingerprint, the tasks, the device, precision, torch
+# version and process group the run had), which are not flags and are skipped.
+_SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "guard": GuardConfig,
+                              "plasticity": PlasticityConfig, "continual": ContinualConfig}
+_RUN_FACTS = ("tokenizer", "corpus", "tasks", "device", "precision", "torch", "distributed")
+_CONFIG_SUFFIXES = (".json", ".yaml", ".yml", ".toml")
+
+
+@functools.cache
+def _flag_owners() -> dict[str, type]:
+    """Every flag field and the config class it belongs to (vocab_size: TrainConfig's)."""
+    owners: dict[str, type] = {}
+    for cls in (TrainConfig, ModelConfig, GuardConfig, PlasticityConfig, ContinualConfig):
+        for f in fields(cls):
+            if not (cls is ModelConfig and f.name in _SKIP_MODEL_FIELDS):
+                owners.setdefault(f.name, cls)
+    return owners
+
+
+def _parse_config(path: Path, where: str) -> Any:
+    suffix = path.suffix.lower()
+    if suffix not in _CONFIG_SUFFIXES:
+        raise CliError(f"{where}: unknown kind of file {path.suffix or '(no suffix)'!r}; name it .json, .yaml, "
+                       ".yml or .toml")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CliError(f"{where}: cannot read the file ({e.strerror or e}); check the path") from e
+    if suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise CliError(f"{where}: reading YAML needs PyYAML, which is not installed: pip install "
+                           "'lsnn[yaml]', or write the file as JSON or TOML") from e
+        parse, errors = yaml.safe_load, (yaml.YAMLError,)
+    elif suffix == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # the same parser, a dependency on 3.10
+            import tomli as tomllib
+        parse, errors = (lambda b: tomllib.loads(b.decode())), (tomllib.TOMLDecodeError,)
+    else:
+        import json
+
+        parse, errors = json.loads, (json.JSONDecodeError,)
+    try:
+        return parse(raw)
+    except (*errors, UnicodeDecodeError) as e:
+        raise CliError(f"{where}: not valid {suffix[1:].upper()}: {e}") from e
+
+
+def _check_value(name: str, value: Any, key: str, where: str) -> Any:
+    """``value`` as field ``name`` takes it (an int for a float becomes a float), or a
+    CliError naming the file, the key and the type wanted."""
+    hint, optional = _unwrap(typing.get_type_hints(_flag_owners()[name])[name])
+    choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+    if value is None and optional:
+        return None
+    if choices is not None:
+        ok = isinstance(value, type(choices[0])) and value in choices
+        wanted = f"one of {', '.join(map(str, choices))}"
+    elif hint is bool:
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif hint is int:
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif hint is float:
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    else:
+        ok, wanted = isinstance(value, hint), f"a {hint.__name__}"
+    if not ok:
+        raise CliError(f"{where}: {key} ({flag(name)}) must be {wanted}{' or null' if optional else ''}, "
+                       f"got {value!r}")
+    return value
+
+
+def _unknown(key: str, where: str, known: set[str]) -> CliError:
+    import difflib
+
+    close = difflib.get_close_matches(key.replace("-", "_"), sorted(known), n=1)
+    hint = f"; did you mean {close[0]!r} ({flag(close[0])})?" if close else "; `lsnn train --help` lists the flags"
+    return CliError(f"{where}: unknown key {key!r}{hint}")
+
+
+def read_config(path: str | Path) -> tuple[int | None, dict[str, Any], dict[str, str]]:
+    """The --phase, the flag values and where each was written (``train.learning_rate``) of
+    a config file: flat (``learning_rate`` or ``learning-rate``), in config.json's sections,
+    or both. Sections hold their own flags only; beside sections the run facts of
+    config.json are skipped. Any other key, a bad type or an unreadable file is a CliError
+    naming --config, the file and the key."""
+    path = Path(path)
+    where = f"--config {path}"
+    data = _parse_config(path, where)
+    if not isinstance(data, dict):
+        raise CliError(f"{where}: expected a mapping of flag names to values, got {type(data).__name__}")
+    owners = _flag_owners()
+    nested = any(k in _SECTIONS for k in data)
+    phase, values, keys = None, {}, {}
+
+    def put(name: str, value: Any, key: str) -> None:
+        if name in keys:
+            raise CliError(f"{where}: {key} and {keys[name]} both set {flag(name)}; keep one")
+        values[name], keys[name] = _check_value(name, value, key, where), key
+
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise CliError(f"{where}: section {key!r} must be a mapping of its flags, got {value!r}")
+            cls = _SECTIONS[key]
+            for sub, v in value.items():
+                sub_name = str(sub).replace("-", "_")
+                if cls is ModelConfig and sub_name in _SKIP_MODEL_FIELDS:
+                    continue  # the tokenizer's vocabulary and free notes, not flags
+                if owners.get(sub_name) is not cls:
+                    raise _unknown(f"{key}.{sub}", where, {f.name for f in fields(cls)} - _SKIP_MODEL_FIELDS)
+                put(sub_name, v, f"{key}.{sub}")
+        elif nested and key in _RUN_FACTS:
+            continue
+        elif name == "phase":
+            if isinstance(value, bool) or value not in PHASES:
+                raise CliError(f"{where}: phase must be one of {', '.join(map(str, PHASES))}, got {value!r}")
+            phase = value
+        elif name in owners:
+            put(name, value, str(key))
+        else:
+            raise _unknown(str(key), where, set(owners))
+    return phase, values, keys
+
+
+def _drop_derived(from_file: dict[str, Any], context: dict[str, Any]) -> None:
+    """Forget the file's values of derived fields (--mamba-dt-rank from --hidden-dim,
+    --liquid-backbone-units from --liquid-units, --surrogate-scale from --surrogate) where
+    they are what the file's own flags derive, as config.json writes them: a flag that
+    changes the inputs (--hidden-dim 512 on the command line) then derives them anew."""
+    for name in [n for n in from_file if _default(n) is None and from_file[n] is not None]:
+        cls = _flag_owners()[name]
+        rest = {k: v for k, v in _split(cls, context).items() if k != name}
+        try:
+            derived = getattr(cls(**rest), name)
+        except ValueError:  # the file alone is no valid configuration (flags may complete it): keep the value
+            continue
+        if derived == from_file[name]:
+            del from_file[name]
+
+
+def _default(name: str) -> Any:
+    return next(f.default for f in fields(_flag_owners()[name]) if f.name == name)
+
+
+def _file_dependency_problems(keys: dict[str, str], explicit: dict[str, Any], values: dict[str, Any],
+                              where: str) -> None:
+    """check_dependencies for values from a config file. A run's config.json holds every
+    flag, most at what the run would have had anyway: a file value counts as given only
+    when the configuration would hold something else without it (a default, a preset, a
+    value derived from other flags)."""
+    owners, problems = _flag_owners(), []
+    for names, needs, on in _DEPENDS:
+        for name in names:
+            if name not in keys or name in explicit or on(values):
+                continue
+            cls = owners[name]
+            rest = {k: v for k, v in _split(cls, values).items() if k != name}
+            if getattr(cls(**rest), name) != values[name]:
+                problems.append(f"{keys[name]} ({flag(name)}) only applies with {needs}; add it or drop the key")
+    if problems:
+        raise CliError("\n  - ".join([f"{where}: keys that would have no effect:", *problems]))
+
+
 def resolve(args: argparse.Namespace):
-    """Configs from dataclass defaults <- the --phase preset <- (--tiny sizes) <- explicit flags."""
+    """Configs from dataclass defaults <- the --phase preset <- the --config file <- (--tiny
+    sizes) <- explicit flags. A --phase flag beats the file's phase."""
     explicit = vars(args).copy()
     explicit.pop("command", None)
     phase = explicit.pop("phase", None)
+    config = explicit.pop("config", None)
     tiny = explicit.pop("tiny", False)
     explicit.pop("tolerance", None)
+    file_phase, from_file, keys = read_config(config) if config is not None else (None, {}, {})
+    phase = phase if phase is not None else file_phase
     values = dict(PHASES[phase]) if phase else {}
+    _drop_derived(from_file, {**values, **from_file})
+    keys = {name: key for name, key in keys.items() if name in from_file}
+    values.update(from_file)
     if tiny:
         from stability.drill import TINY, TINY_TRAIN
 
@@ -171,10 +353,16 @@ def resolve(args: argparse.Namespace):
         model = ModelConfig(**_split(ModelConfig, values))
     except ValueError as e:  # ModelConfig is in model/, which knows nothing of ConfigError
         raise CliError(str(e)) from e
-    return RunSpec(model=model, train=TrainConfig(**_split(TrainConfig, values)),
+    spec = RunSpec(model=model, train=TrainConfig(**_split(TrainConfig, values)),
                    guard=GuardConfig(**_split(GuardConfig, values)),
                    plasticity=PlasticityConfig(**_split(PlasticityConfig, values)),
                    continual=ContinualConfig(**_split(ContinualConfig, values)))
+    _file_dependency_problems(keys, explicit, values, f"--config {config}")
+    if spec.train.tensorboard:  # every rank resolves: all refuse together, before anything is written
+        from stability.reporting import summary_writer
+
+        summary_writer()
+    return spec
 
 
 def main(argv: list[str] | None = None) -> int:
