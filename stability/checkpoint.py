@@ -12,6 +12,7 @@ renamed into place by rank 0 after a barrier, so it is as atomic as a file.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -50,12 +51,20 @@ def nonfinite_tensors(tensors: dict[str, torch.Tensor], dist: Dist = Dist()) -> 
     return [n for (n, _), b in zip(named, flags) if b]
 
 
+def serialize(state: dict[str, Any]) -> bytes:
+    """``state`` as torch.save writes it, in memory first: streamed to a full disk, torch.save
+    fails with an opaque RuntimeError; the write of the bytes fails with the OSError itself."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
 def save_checkpoint(path: Path, state: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
     """Write ``state`` atomically, unless ``weights`` (its model state dict) are not finite."""
     bad = nonfinite_tensors(weights)
     if bad:
         raise CorruptStateError(f"refusing to write {path}: non-finite weights in {', '.join(bad[:5])}")
-    atomic_write(Path(path), lambda f: torch.save(state, f))
+    atomic_write(Path(path), serialize(state))
 
 
 def link_checkpoint(src: Path, dst: Path) -> None:
@@ -239,18 +248,22 @@ class CheckpointDir:
             raise CorruptStateError(f"refusing to write {path}: non-finite weights in {', '.join(bad[:5])}")
         if not self.sharded:
             if self.writer:
-                atomic_write(path, lambda f: torch.save(state, f))
+                atomic_write(path, serialize(state))
             return
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         plain, leaves = _split(state)
         tmp = path.with_name(f".{path.name}{TMP_MARK}shards")  # the same name on every rank
         if self.writer:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier(self.dist)
-        dcp.save(leaves, checkpoint_id=str(tmp))  # every rank its shards, rank 0 the metadata
+        try:
+            dcp.save(leaves, checkpoint_id=str(tmp))  # every rank its shards, rank 0 the metadata
+        except CheckpointException as e:  # a rank's write failed (a full disk): every rank gets it
+            raise OSError(f"writing the shards of {path} failed: {e}") from e
         if self.writer:
-            atomic_write(tmp / SHARDED_STATE, lambda f: torch.save(plain, f))
+            atomic_write(tmp / SHARDED_STATE, serialize(plain))
         barrier(self.dist)
         if self.writer:
             replace_dir(tmp, path)

@@ -148,6 +148,12 @@ _DEPENDS: tuple[tuple[tuple[str, ...], str, Any], ...] = (
 )
 
 
+def applicable(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` less the flags whose feature is off in them (what a preset may say)."""
+    off = {name for names, _, on in _DEPENDS if not on(values) for name in names}
+    return {k: v for k, v in values.items() if k not in off}
+
+
 def check_dependencies(explicit: dict[str, Any], values: dict[str, Any]) -> None:
     """A flag given for a feature that is off would be silently ignored: refuse it."""
     problems = [f"{flag(name)} only applies with {needs}; add it or drop the flag"

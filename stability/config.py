@@ -88,10 +88,12 @@ class TrainConfig(_Config):
     """Write checkpoints/last.pt every N steps as well as at each epoch end; 0: epoch ends only."""
     keep_checkpoints: int = 3
     """Keep the last K checkpoints taken at healthy moments (checkpoints/step-N.pt): rollback targets after a restart."""
-    eval_batches: int | None = None
-    """Validate on at most this many batches (default: the whole validation split)."""
+    eval_batches: int = 200
+    """Validate on this many batches spread evenly over the validation split; 0: all of it."""
     resume: bool = False
     """Continue the run in --output-dir from checkpoints/last.pt, exactly."""
+    overwrite: bool = False
+    """Start a new run in an --output-dir that holds one, deleting that run's files (and no others)."""
     dataset: str | None = None
     """A named corpus instead of the embedded one: stdlib (default) or wikitext2."""
     data: str | None = None
@@ -125,10 +127,12 @@ class TrainConfig(_Config):
                      f"got {self.weight_decay}")
         if self.gradient_clip < 0:
             p.append(f"--gradient-clip must be >= 0 (0 turns clipping off), got {self.gradient_clip}")
-        for name in ("max_steps", "eval_batches"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                p.append(f"{flag(name)} must be a positive integer, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            p.append(f"--max-steps must be a positive integer, got {self.max_steps}")
+        if isinstance(self.eval_batches, bool) or not isinstance(self.eval_batches, int) or self.eval_batches < 0:
+            p.append(f"--eval-batches must be an integer >= 0 (0: the whole validation split), got {self.eval_batches!r}")
+        if self.resume and self.overwrite:
+            p.append("--resume continues the run in --output-dir and --overwrite deletes it; give one of them")
         if not 0.0 < self.val_fraction < 1.0:
             p.append(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.data is not None and self.dataset is not None:

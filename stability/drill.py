@@ -119,26 +119,29 @@ def drill(spec: RunSpec, stream: TextIO, tolerance: float = 0.25, keep: Path | N
     spec = replace(spec, train=replace(spec.train, max_steps=steps, log_every=min(spec.train.log_every, 2)),
                    guard=replace(spec.guard, rollback_after=min(spec.guard.rollback_after, 3),
                                  snapshot_every=min(spec.guard.snapshot_every, 4),
-                                 spike_warmup=min(spec.guard.spike_warmup, at - 2),
-                                 loss_spike_warmup=min(spec.guard.loss_spike_warmup, at - 2)))
+                                 spike_warmup=max(1, min(spec.guard.spike_warmup, at - 2)),
+                                 loss_spike_warmup=max(1, min(spec.guard.loss_spike_warmup, at - 2))))
     plasticity = spec.plasticity.use_stdp
     with tempfile.TemporaryDirectory(prefix="lsnn-drill-") as tmp:
         root = keep or Path(broadcast(dist, tmp))  # rank 0's directory for every rank
+        faults = battery(at, plasticity, threading.current_thread() is threading.main_thread())  # signals: main
+        _say(stream, f"drill: {len(faults) + 1} runs of {steps} steps: a clean control, then one per fault")
         code, recs, text = _run(spec, root / "control", None, dist)
         if code != EXIT_OK:
             stream.write(text)
             stream.write("drill: the clean control run failed; fix the configuration first\n")
             return 1
         control = [r for r in recs if r["kind"] == "epoch"][-1]["val_loss"]
+        _say(stream, f"drill: 1/{len(faults) + 1} control: final loss {control:.4f}")
         outcomes = []
-        preemption = threading.current_thread() is threading.main_thread()  # only it gets the signal
-        for i, fault in enumerate(battery(at, plasticity, preemption)):
+        for i, fault in enumerate(faults):
             code, recs, text = _run(spec, root / f"fault{i}", fault, dist)
             o = _outcome(fault, code, recs)
             o.recovered = (code == EXIT_OK and o.detected and math.isfinite(o.final_loss)
                            and o.final_loss - control <= tolerance * max(1.0, abs(control)))
             if not o.recovered:
                 stream.write(f"--- output of the run with {fault} ---\n{text[-3000:]}\n")
+            _say(stream, f"drill: {i + 2}/{len(faults) + 1} {fault}: {'survived' if o.recovered else 'NOT survived'}")
             outcomes.append(o)
     _table(stream, control, outcomes, steps)
     failed = [o.fault for o in outcomes if not o.recovered]
@@ -147,6 +150,11 @@ def drill(spec: RunSpec, stream: TextIO, tolerance: float = 0.25, keep: Path | N
         return 1
     stream.write(f"drill: all {len(outcomes)} faults survived\n")
     return 0
+
+
+def _say(stream: TextIO, text: str) -> None:
+    stream.write(text + "\n")
+    stream.flush()
 
 
 def _table(stream: TextIO, control: float, outcomes: list[Outcome], steps: int) -> None:

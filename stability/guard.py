@@ -4,7 +4,9 @@ A step is one of
 
     OK               finite loss, finite gradients
     NONFINITE_LOSS   a micro-batch loss was NaN/inf: the whole accumulation window is void
-    OVERFLOW         the loss was finite but the gradient norm is not (fp16 overflow, NaN grads)
+    OVERFLOW         the loss was finite but the gradient norm is inf (fp16 overflow)
+    NONFINITE_GRAD   the loss was finite but the gradient norm is NaN: no loss scale makes
+                     that, the model or the data did (it counts toward a rollback)
     SPIKE            the gradient norm is a z-score outlier and --spike-policy is skip
     LOSS_SPIKE       the loss is finite but a z-score outlier above its running statistics
                      and --loss-spike-policy is skip (a bad batch, or the start of a divergence)
@@ -40,8 +42,8 @@ import torch.nn.functional as F
 
 from stability.config import GuardConfig
 
-OK, NONFINITE_LOSS, OVERFLOW, SPIKE, LOSS_SPIKE = 0, 1, 2, 3, 4
-REASONS = ("ok", "nonfinite_loss", "overflow", "spike", "loss_spike")
+OK, NONFINITE_LOSS, OVERFLOW, SPIKE, LOSS_SPIKE, NONFINITE_GRAD = 0, 1, 2, 3, 4, 5
+REASONS = ("ok", "nonfinite_loss", "overflow", "spike", "loss_spike", "nonfinite_grad")
 BANDS = ("low", "healthy", "high", "critical", "exploded")
 # columns of the history buffer
 H_LOSS, H_NORM, H_REASON, H_BAND, H_SCALE, H_LR = range(6)
@@ -55,8 +57,9 @@ class Verdict:
     reason: torch.Tensor  # int64, index into REASONS
     band: torch.Tensor  # int64, index into BANDS
     max_norm: torch.Tensor  # clip threshold for this step (inf: no clipping)
-    overflow: torch.Tensor  # bool
+    overflow: torch.Tensor  # bool: the gradients are not finite (and the loss is)
     loss_ok: torch.Tensor  # bool
+    inf: torch.Tensor | None = None  # bool: ... and their norm is inf, not NaN
     loss: torch.Tensor | None = None  # the mean loss over every rank
     peer: torch.Tensor | None = None  # bool: skipped for another rank; this rank's own step was clean
 
@@ -90,6 +93,7 @@ class StepGuard:
         self.bands = torch.zeros(len(BANDS), dtype=torch.int64, device=dev)
         self.spikes_clipped = z()
         self.peer_skips = z()  # steps skipped for another rank's bad batch
+        self.bad_params: torch.Tensor | None = None  # (p,) bool, see observe_param_norms
         self.norm_mean = z(torch.float32)
         self.norm_var = z(torch.float32)
         self.norm_count = z()
@@ -112,14 +116,15 @@ class StepGuard:
         c = self.cfg
         norm = grad_norm.float()
         grads_ok = torch.isfinite(norm)
+        nan_grads = torch.isnan(norm)
         peer = torch.zeros_like(loss_ok)
         if dist.is_available() and dist.is_initialized():
             local_bad = ~loss_ok | ~grads_ok
             value = loss.float() if loss is not None else torch.zeros((), device=norm.device)
-            packed = torch.stack([(~loss_ok).float(), (~grads_ok).float(), value])
+            packed = torch.stack([(~loss_ok).float(), (~grads_ok).float(), nan_grads.float(), value])
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-            loss_ok, grads_ok = packed[0] == 0, grads_ok & (packed[1] == 0)
-            loss = packed[2] / dist.get_world_size() if loss is not None else None
+            loss_ok, grads_ok, nan_grads = packed[0] == 0, grads_ok & (packed[1] == 0), packed[2] > 0
+            loss = packed[3] / dist.get_world_size() if loss is not None else None
             peer = ~local_bad & ~(loss_ok & grads_ok)
         loss_spike = self._loss_spike(loss_ok, loss)
         threshold = self.norm_mean + c.spike_zscore * self.norm_var.clamp(min=0).sqrt()
@@ -128,7 +133,7 @@ class StepGuard:
         skip_spike = spike & (c.spike_policy == "skip")
         reason = torch.where(skip_spike, SPIKE, OK)
         reason = torch.where(loss_spike, LOSS_SPIKE, reason)
-        reason = torch.where(~grads_ok, OVERFLOW, reason)
+        reason = torch.where(~grads_ok, torch.where(nan_grads, NONFINITE_GRAD, OVERFLOW), reason)
         reason = torch.where(~loss_ok, NONFINITE_LOSS, reason)
         skip = (reason != OK).float()
         max_norm = torch.full_like(norm, self.gradient_clip if self.gradient_clip > 0 else float("inf"))
@@ -142,8 +147,17 @@ class StepGuard:
         self._update_norm_stats(norm, good, torch.where(spike, threshold, norm))
         if loss is not None:
             self._update_loss_stats(loss.float(), good)
-        return Verdict(skip=skip, reason=reason, band=band, max_norm=max_norm,
-                       overflow=loss_ok & ~grads_ok, loss_ok=loss_ok, loss=loss, peer=peer)
+        return Verdict(skip=skip, reason=reason, band=band, max_norm=max_norm, overflow=loss_ok & ~grads_ok,
+                       loss_ok=loss_ok, inf=loss_ok & ~grads_ok & ~nan_grads, loss=loss, peer=peer)
+
+    def observe_param_norms(self, norms: torch.Tensor) -> None:
+        """Remember which parameters had non-finite gradients since the last sync point
+        (``norms``: each parameter's gradient norm, (p,)), to name them when it matters."""
+        if self.bad_params is None or self.bad_params.shape != norms.shape:
+            self.bad_params = torch.zeros(norms.shape, dtype=torch.bool, device=norms.device)
+        self.bad_params |= ~torch.isfinite(norms)
+
+
 
     def _loss_spike(self, loss_ok: torch.Tensor, loss: torch.Tensor | None) -> torch.Tensor:
         """Whether a finite loss is far above the running statistics of good steps' losses."""
@@ -208,15 +222,21 @@ class StepGuard:
         self.history[step % self.window].copy_(row)
 
     def read(self) -> dict[str, Any]:
-        """Every counter and the history window, as Python values: one host sync."""
+        """Every counter, the history window and the parameters whose gradients went
+        non-finite since the last read, as Python values: one host sync."""
+        bad = self.bad_params if self.bad_params is not None else self.skips.new_zeros(0, dtype=torch.bool)
         flat = torch.cat([
             self.skips.double(), self.bands.double(),
             torch.stack([self.good_steps, self.consecutive_skips, self.spikes_clipped, self.peer_skips]).double(),
-            self.history.double().flatten(),
+            self.history.double().flatten(), bad.double(),
         ]).tolist()  # host sync
         n_r, n_b = len(REASONS), len(BANDS)
-        history = flat[n_r + n_b + 4:]
+        end = n_r + n_b + 4 + self.window * 6
+        history, bad_flags = flat[n_r + n_b + 4:end], flat[end:]
+        if self.bad_params is not None:
+            self.bad_params.zero_()
         return {
+            "bad_params": [i for i, b in enumerate(bad_flags) if b],
             "skips": dict(zip(REASONS, map(int, flat[:n_r]))),
             "bands": dict(zip(BANDS, map(int, flat[n_r:n_r + n_b]))),
             "good_steps": int(flat[n_r + n_b]),

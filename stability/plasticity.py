@@ -33,7 +33,7 @@ from torch import nn
 
 from model.plasticity import stdp_update
 from stability.config import GuardConfig, PlasticityConfig
-from stability.distributed import Dist, all_reduce_, full, is_sharded, local
+from stability.distributed import Dist, all_reduce_, full, is_sharded
 from stability.faults import FaultInjector
 
 _EMA_FAST, _EMA_SLOW = 0.9, 0.99
@@ -66,13 +66,12 @@ class PlasticityController:
         self._n = n
 
     # -- before clipping: each block's gradient norm --------------------------------------
-    def observe_grads(self, grads: list[torch.Tensor]) -> None:
+    def observe_norms(self, norms: torch.Tensor) -> None:
+        """Each block's gradient norm from the parameters' (full) gradient norms (p,)."""
         if not self.cfg.use_meta_plasticity:
             return
-        squares = torch.stack(torch._foreach_norm([local(g) for g in grads])).float().square()
+        squares = norms.float().square()
         per_block = torch.zeros(self._n + 1, device=squares.device).index_add_(0, self._param_block, squares)
-        if self.dist.mode == "fsdp":  # each rank holds a shard of every gradient
-            all_reduce_(self.dist, per_block)
         self.block_norms = per_block[: self._n].sqrt()
 
     # -- after the step --------------------------------------------------------------------

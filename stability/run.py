@@ -23,8 +23,9 @@ own warm-up and cosine schedule (and its own --max-steps budget). After each tas
 consolidation, replay scoring and the task matrix.
 
 Exit codes: 0 done, 2 bad input (nothing written), 3 instability that could not be
-recovered (diagnosis printed, last good state saved), 130 interrupted by SIGINT (Ctrl-C)
-and 143 by SIGTERM (preemption): the state is saved, --resume continues it.
+recovered (diagnosis printed, last good state saved), 4 finished but the last checkpoint
+could not be written (the one before is intact), 130 interrupted by SIGINT (Ctrl-C) and
+143 by SIGTERM (preemption): the state is saved, --resume continues it.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ import copy
 import io
 import json
 import math
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -68,6 +71,7 @@ from stability.tokenizers import save_tokenizer
 from stability.trainer import (
     Trainer,
     available_memory,
+    checkpoint_bytes,
     estimate_training_bytes,
     estimate_vocab,
     lm_loss,
@@ -75,7 +79,10 @@ from stability.trainer import (
     resolve_device,
 )
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_UNRECOVERABLE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 2, 3, 130, 143
+EXIT_OK, EXIT_BAD_INPUT, EXIT_UNRECOVERABLE, EXIT_UNSAVED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 2, 3, 4, 130, 143
+# what a run writes in --output-dir: --overwrite deletes these, and nothing else
+RUN_FILES = ("metrics.jsonl", "config.json", "tokenizer.json", "quarantine.jsonl", "report.json", "report.png",
+             "report.html", "checkpoints", "tensorboard")
 _EXIT_ON = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
 _PRECISION = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + loss scaling"}
 
@@ -145,6 +152,26 @@ def check_memory(spec: RunSpec, device: torch.device) -> None:
                    f"{device} memory is free; {fix}")
 
 
+def check_output_dir(out: Path, need: int) -> None:
+    """Refuse, before training, an --output-dir that cannot hold the run: a file in the way,
+    a read-only directory, or a disk with less free space than ``need`` bytes."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadInput(f"--output-dir {out}: {existing} is a file, not a directory; choose another --output-dir")
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # the one sure test of writability
+            pass
+    except OSError as e:
+        raise BadInput(f"--output-dir {out}: {existing} is not writable ({e.strerror or e}); "
+                       "choose a writable --output-dir") from e
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise BadInput(f"--output-dir {out}: {free / 1e6:.1f} MB free on its disk, but a checkpoint and the one "
+                       f"it replaces need about {need / 1e6:.1f} MB; free some space or choose another --output-dir")
+
+
 def _denormals_flushed() -> bool:
     """Whether the CPU currently flushes subnormals (torch has a setter, no getter)."""
     return bool(torch.tensor([1e-39]).mul(1.0).eq(0).item())  # host value, set-up only
@@ -161,7 +188,10 @@ class Run:
         self._saving = False
         self._done = False
         self._healthy = True  # the last sync point saw no skipped step
-        self._last_save_ok = True
+        self._weights_finite = True  # the last save found the weights finite
+        self._unsaved: OSError | None = None  # why the last save could not be written, if it could not
+        self._saved_step: int | None = None  # the step of the checkpoint on disk
+        self._bad_params: set[int] = set()  # parameters with non-finite gradients since the run was healthy
         self._steps: dict[int, list] = {}  # step -> [positions read, reason once synced]
         self._last_pos = Position()  # the last micro-batch trained
         self._plasticity_seen: dict[str, list] | None = None
@@ -181,20 +211,11 @@ class Run:
         if t.batch_size % d.world:
             raise BadInput(f"--batch-size {t.batch_size} is the global batch, split over {d.world} processes; "
                            f"make it a multiple of {d.world}")
-        if t.resume and d.main:  # a writer killed mid-write left these
-            recover_dirs(self.checkpoints.root)
-            remove_stale_temporaries(self.out, self.checkpoints.root)
-        barrier(d)
-        if t.resume and not self.checkpoints.last.exists():
-            raise BadInput(f"--resume: no checkpoint at {self.checkpoints.last}; start without --resume or fix "
-                           "--output-dir")
-        if not t.resume and self.checkpoints.last.exists():
-            raise BadInput(f"--output-dir {self.out} already holds a run ({self.checkpoints.last}); pass --resume "
-                           "to continue it or choose another --output-dir")
         per_rank = replace(spec, train=replace(t, batch_size=t.batch_size // d.world))
         main_first(d, lambda: check_memory(per_rank, self.device), (BadInput,), others=False)  # one verdict
+        self._check_output_dir()
         # rank 0 trains the tokenizer and fills the token caches; the others then read them
-        self.tokenizer, corpus, tasks = main_first(d, lambda: prepare_data(spec), (DataError, BadInput))
+        self.tokenizer, corpus, tasks = main_first(d, lambda: prepare_data(spec, self._say), (DataError, BadInput))
         self.fingerprint = corpus.fingerprint()
         self.spec = spec = replace(spec, model=replace(spec.model, vocab_size=self.tokenizer.vocab_size))
         ckpt = self._load_resume_checkpoint() if t.resume else None
@@ -214,6 +235,8 @@ class Run:
         self.stream = DataStream(tasks, t.epochs, t.gradient_accumulation_steps, replay, c.replay_fraction,
                                  d.rank, d.world)
         self.trainer.total_steps = self._horizon(0)
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        self._param_names = [name_of[id(p)] for p in self.trainer.params]
         self.recovery = Recovery(spec.guard)
         self.best_val = math.inf
         self.matrix: list[list[float]] = []
@@ -221,10 +244,15 @@ class Run:
         self.report = Reporter(self.out if d.main else None, self.stream_out, t.progress if d.main else "lines")
         self.monitor = Monitor(self.report, spec.guard, t.gradient_clip, t.log_every, 0)
         if d.main:
+            if t.overwrite:
+                for name in self._used:
+                    shutil.rmtree(self.out / name) if (self.out / name).is_dir() else (self.out / name).unlink()
             self.out.mkdir(parents=True, exist_ok=True)
+        barrier(d)
         if ckpt is not None:
             self._restore(ckpt)
-            if ckpt.get("kept") and not self.checkpoints.kept_path(self.trainer.step).exists():
+            from_last = self._resumed_from == self.checkpoints.last
+            if from_last and ckpt.get("kept") and not self.checkpoints.kept_path(self.trainer.step).exists():
                 self.checkpoints.relink()  # the run died between writing last.pt and linking it
             self._write_quarantine()
         if d.main:
@@ -236,11 +264,52 @@ class Run:
     def tasks(self) -> list[TaskData]:
         return self.stream.tasks
 
+    def _check_output_dir(self) -> None:
+        """Everything wrong with --output-dir, found before anything is written (a resume
+        first puts back what a writer killed mid-write left behind)."""
+        t, d = self.spec.train, self.dist
+        need = 2 * checkpoint_bytes(self.spec.model, t) + 2**20
+        main_first(d, lambda: check_output_dir(self.out, need), (BadInput,), others=False)
+        if t.resume and d.main:
+            recover_dirs(self.checkpoints.root)
+            remove_stale_temporaries(self.out, self.checkpoints.root)
+        barrier(d)
+        self._used = [name for name in RUN_FILES if (self.out / name).exists()]
+        if t.resume and not self.checkpoints.last.exists():
+            raise BadInput(f"--resume: no checkpoint at {self.checkpoints.last}; start without --resume or fix "
+                           "--output-dir")
+        if not t.resume and self._used and not t.overwrite:
+            raise BadInput(f"--output-dir {self.out} already holds a run ({', '.join(self._used)}); pass --resume to "
+                           "continue it, --overwrite to start over (deleting those files only), or choose another "
+                           "--output-dir")
+
+    def _say(self, text: str) -> None:
+        """A line before the reporter exists (set-up), from rank 0."""
+        self.stream_out.write(text + "\n")
+        self.stream_out.flush()
+
     def _load_resume_checkpoint(self) -> dict[str, Any]:
+        """last.pt; if it is corrupt, the newest intact checkpoint, saying which."""
+        self._resumed_from = self.checkpoints.last
         try:
             return self.checkpoints.load(self.checkpoints.last)  # sharded: its shards come in _restore
         except UnreadableCheckpoint as e:
-            raise BadInput(f"--resume: {e}") from e
+            first = e
+        self._say(f"warning: {first}")
+        found = []
+        for path in [p for _, p in reversed(self.checkpoints.kept())] + [self.checkpoints.best]:
+            if path.exists():
+                try:
+                    found.append((self.checkpoints.load(path), path))
+                except UnreadableCheckpoint as e:
+                    self._say(f"warning: {e}")
+        if not found:
+            raise BadInput(f"--resume: {first}; no intact checkpoint to fall back on in {self.checkpoints.root}; "
+                           "start without --resume (and --overwrite)")
+        state, self._resumed_from = max(found, key=lambda f: f[0]["trainer"]["attempt"])  # the newest
+        self._say(f"resuming from {self._resumed_from.relative_to(self.out)} (step {state['trainer']['step']}) "
+                  "instead")
+        return state
 
     def _template(self) -> dict[str, Any]:
         """A fresh state with this rank's shards where a sharded checkpoint has them."""
@@ -299,6 +368,22 @@ class Run:
             torch.set_flush_denormal(flushed)  # process-wide state: leave it as it was
         if code is not None:
             return code
+        return self._finish()
+
+    def _finish(self) -> int:
+        """The end: never "done" with weights that are not finite or a last state unsaved."""
+        if not self._weights_finite:
+            self.report.record("stop", step=self.trainer.step, reason="nonfinite_weights",
+                               error="the weights are not finite at the end of the run")
+            self.report.line(f"error: the weights are not finite at the end of the run (step {self.trainer.step}); "
+                             f"the last checkpoint with finite weights is step {self._saved_step} in "
+                             f"{self.checkpoints.root}. With --no-guard nothing stops a bad step: drop it")
+            return EXIT_UNRECOVERABLE
+        if self._unsaved is not None and not self._save(keep=self._healthy):  # one more try
+            self.report.line(f"error: training finished but its last checkpoint could not be written "
+                             f"({self._unsaved}); {self.checkpoints.root} holds step {self._saved_step}. Free some "
+                             "space and run the same command with --resume to redo the steps since")
+            return EXIT_UNSAVED
         self.report.line(f"done: {self.trainer.step} steps; checkpoints in {self.checkpoints.root}")
         return EXIT_OK
 
@@ -383,6 +468,7 @@ class Run:
         except LossScaleError as e:
             raise Unrecoverable(str(e), self._diagnose("overflow", step)) from e
         self._healthy = counters["consecutive_skips"] == 0 and all(r["reason"] == "ok" for r in rows)
+        self._bad_params = set() if self._healthy else self._bad_params | set(counters["bad_params"])
         if self.recovery.needs_rollback(counters["consecutive_skips"]):
             self._rollback(counters["consecutive_skips"], step)
             return True
@@ -436,6 +522,7 @@ class Run:
                 f"bands[{' '.join(f'{k}={v}' for k, v in totals.bands.items() if v)}] "
                 f"time={time.monotonic() - totals.started:.1f}s")
         self.report.epoch_summary(task_i + 1, epoch_i + 1, text, step=self.trainer.step, task_name=task.name,
+                                  val_batches=self._val_limit(task),
                                   train_loss=totals.train_loss, unigram_loss=task.unigram,
                                   unigram_acc=task.unigram_acc, skipped=skipped, skip_reason=dict(totals.skips),
                                   bands=dict(totals.bands), complete=complete, **metrics)
@@ -446,8 +533,9 @@ class Run:
         """Consolidate (EWC), score replay, evaluate every task, print the matrix once."""
         task = self.tasks[task_i]
         if self.ewc is not None and self.ewc.strength > 0 and task_i + 1 < len(self.tasks):
-            n = self.spec.continual.fisher_batches
-            batches = [self._device(self.stream.raw(Position(task_i, 0, i))) for i in range(min(n, len(task.train)))]
+            n = min(self.spec.continual.fisher_batches, len(task.train))
+            self.report.line(f"task {task_i + 1}: estimating the EWC Fisher information on {n} batches")
+            batches = [self._device(self.stream.raw(Position(task_i, 0, i))) for i in range(n)]
             used = self.ewc.consolidate(self.model, batches, lm_loss, self.trainer.autocast)
             if used < len(batches):
                 self.report.warn(f"task {task_i + 1}: {len(batches) - used} Fisher batches had non-finite "
@@ -482,13 +570,25 @@ class Run:
     def _device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
 
-    def _val_batches(self, task: TaskData):
-        """The validation split, or --eval-batches batches spread evenly across it (the
-        first N would be a handful of files, unlike the split the baselines describe)."""
+    def _val_limit(self, task: TaskData) -> int:
         n = len(task.val)
-        limit = min(self.spec.train.eval_batches or n, n)
+        return min(self.spec.train.eval_batches or n, n)
+
+    def _val_batches(self, task: TaskData):
+        """--eval-batches batches spread evenly across the validation split (the first N
+        would be a handful of files, unlike the split the baselines describe), or all of it;
+        each rank evaluates its rows of each. A long validation says how far it got."""
+        n, limit, d = len(task.val), self._val_limit(task), self.dist
+        started = shown = time.monotonic()
+        if limit >= 100:
+            self.report.line(f"validating {task.name} on {limit} batches")
         for i in range(limit):
-            yield self._device(task.val.get(0, i * n // limit))
+            x, y = task.val.get(0, i * n // limit)
+            yield self._device((x[d.rank::d.world], y[d.rank::d.world]) if d.active else (x, y))
+            now = time.monotonic()
+            if now - shown > 10:
+                self.report.line(f"validating {task.name}: {i + 1}/{limit} batches, {now - started:.0f}s")
+                shown = now
 
     # state ---------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -535,27 +635,44 @@ class Run:
             self.best_val = state["best_val"]
             self.monitor.last_sync_step = window["last_sync_step"]
             self.monitor.totals = Totals.from_state(window["totals"])
+            self._saved_step = self.trainer.step
             self._healthy = window["healthy"]
             self._steps = {s: [[Position(**p) for p in ps], r] for s, ps, r in window["steps"]}
             self.report.truncate_to(state["metrics_offset"])
         self.trainer.lr_factor = torch.full((), self.recovery.lr_factor, device=self.device)
 
     def _save(self, keep: bool) -> bool:
-        """Write last.pt (and with ``keep`` a kept checkpoint of this step); with non-finite
-        weights write nothing, warn, return False."""
+        """Write last.pt (and with ``keep`` a kept checkpoint of this step). With non-finite
+        weights, or when the disk refuses (full, gone read-only), write nothing, keep the
+        previous checkpoint, warn and return False: the next save tries again. Every rank
+        returns the same answer."""
         self._saving = True
+        refused = failed = None
         try:
             self._persist_snapshot()
             self.checkpoints.save(self._state(), keep=keep)
         except CorruptStateError as e:  # every rank finds the same weights non-finite
-            self.report.warn(f"{e}; keeping the previous checkpoint")
-            self._last_save_ok = False
-            return False
+            refused = e
+        except OSError as e:  # rank 0's write (or, sharded, any rank's) failed
+            failed = e
         finally:
             self._saving = False
             barrier(self.dist)  # no rank reads a checkpoint before rank 0 has written it
+        failed_everywhere = any_rank(self.dist, failed is not None)
+        previous = f"step {self._saved_step}" if self._saved_step is not None else "none yet"
+        if refused is not None:
+            self.report.warn(f"{refused}; keeping the previous checkpoint ({previous})")
+            self._weights_finite = False
+            return False
+        self._weights_finite = True
+        if failed_everywhere:
+            why = f"{failed.strerror or failed}" if failed is not None else "on another rank"
+            self.report.warn(f"could not write {self.checkpoints.last} at step {self.trainer.step} ({why}); "
+                             f"keeping the previous checkpoint ({previous}) and trying again at the next save")
+            self._unsaved = failed or OSError("the write failed on another rank")
+            return False
+        self._unsaved, self._saved_step = None, self.trainer.step
         self._write_quarantine()
-        self._last_save_ok = True
         return True
 
     def _persist_snapshot(self) -> None:
@@ -598,6 +715,19 @@ class Run:
             s -= 1
         return failed[::-1]
 
+    def _culprit_modules(self) -> list[str]:
+        """The modules whose parameters had non-finite gradients on the failing steps
+        themselves (the guard keeps the mask on the device and reads it at sync points)."""
+        names = [self._param_names[i] for i in sorted(self._bad_params)]
+        return list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
+
+    def _culprits(self) -> str:
+        modules = self._culprit_modules()
+        if not modules:
+            return ""
+        more = f" (+{len(modules) - 5} more)" if len(modules) > 5 else ""
+        return f"gradients went non-finite in: {', '.join(modules[:5])}{more}"
+
     def _rollback_target(self) -> tuple[dict[str, Any], str, bool] | None:
         """The newest good state, where it came from, and whether it is on disk: a kept
         checkpoint newer than the in-memory snapshot, else the snapshot (after a restart
@@ -630,8 +760,10 @@ class Run:
         self.checkpoints.drop_after(self.trainer.step)
         self.recovery.take(state, self.trainer.step, int(self.trainer.guard.good_steps))  # host sync, rare
         self.recovery.snapshot.persisted = on_disk
+        culprits = self._culprits()
         self.report.warn(
-            f"step {step}: {consecutive} consecutive skipped steps ({reason}); rolled back to step "
+            f"step {step}: {consecutive} consecutive skipped steps ({reason}{'; ' + culprits if culprits else ''}); "
+            f"rolled back to step "
             f"{self.trainer.step} from {source} (rollback {self.recovery.rollbacks}/{self.spec.guard.max_rollbacks}), "
             f"quarantined {len(failed)} batches (see quarantine.jsonl), learning rate x{self.recovery.lr_factor:g}")
         # the record leaves out where the state came from (memory, or a kept checkpoint after a
@@ -644,9 +776,12 @@ class Run:
     def _diagnose(self, reason: str, step: int) -> dict[str, Any]:
         last = self._steps.get(step, [[]])[0] or [self._last_pos]
         diag = diagnose(self.model, self._device(self.stream.raw(last[-1])), lm_loss, self.trainer.autocast)
+        seen = self._culprit_modules()
         report = {"step": step, "reason": reason, "nonfinite_weights": diag.nonfinite_weights,
                   "nonfinite_activations": diag.nonfinite_activations, "nonfinite_grads": diag.nonfinite_grads,
-                  "loss": diag.loss, "lines": diag.lines(), "batches": [self.stream.describe(p) for p in last]}
+                  "nonfinite_grads_seen": seen, "loss": diag.loss,
+                  "lines": [*diag.lines(), *([self._culprits()] if seen else [])],
+                  "batches": [self.stream.describe(p) for p in last]}
         if self.dist.active:  # every rank diagnosed its own rows of the batch; rank 0 names the bad ones
             found = gather(self.dist, {"loss": diag.loss, "activations": diag.nonfinite_activations,
                                        "peer_skips": int(self.trainer.guard.peer_skips)})  # host sync

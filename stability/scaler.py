@@ -11,6 +11,9 @@ get it (turning the scale into a Python float and crashing ``scale()``):
 - grow by ``growth_factor`` after ``growth_interval`` clean steps, never above
   ``max_scale`` and never below ``min_scale``;
 - a non-finite *loss* is a forward problem: it changes nothing here;
+- NaN gradients (not inf) back the scale off too, as GradScaler does, but they are not
+  counted as overflow at the minimum scale: a NaN comes from the model or the data, and a
+  smaller scale cannot fix it (the run rolls back instead);
 - overflow that persists ``overflow_limit`` steps at ``min_scale`` is an error naming the
   cause (``LossScaleError``), raised by ``check()`` when the trainer reads its counters.
 
@@ -55,9 +58,11 @@ class LossScalePolicy:
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         self.scaler.unscale_(optimizer)
 
-    def update(self, overflow: torch.Tensor, loss_ok: torch.Tensor) -> None:
+    def update(self, overflow: torch.Tensor, loss_ok: torch.Tensor, inf: torch.Tensor | None = None) -> None:
         """Advance the state machine for one optimizer step (bool tensors, on the device)
-        and hand the new scale to GradScaler, completing its per-step state."""
+        and hand the new scale to GradScaler, completing its per-step state. ``overflow``:
+        the gradients are not finite; ``inf``: they overflowed (inf, not NaN; default: as
+        ``overflow``)."""
         if not self.enabled:
             return
         c = self.cfg
@@ -74,7 +79,8 @@ class LossScalePolicy:
         factor = torch.where(overflow, c.backoff_factor, factor)
         factor = torch.where(cut, c.backoff_factor * c.overflow_cut, factor)
         self.scale_t = (self.scale_t * factor).clamp(c.min_scale, c.max_scale)
-        stuck = torch.where(overflow & at_min, self.overflows_at_min + 1,
+        inf = overflow if inf is None else inf
+        stuck = torch.where(inf & at_min, self.overflows_at_min + 1,
                             torch.where(clean, 0, self.overflows_at_min))
         self.overflows_at_min = stuck.to(torch.int32)
         self.scaler.update(new_scale=self.scale_t)

@@ -22,6 +22,7 @@ file paths for --data) so a skipped or quarantined batch can be found.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,13 @@ from stability.atomic import atomic_write
 from stability.config import RunSpec, TrainConfig
 from stability.continual import ReplayBuffer
 from stability.data import Corpus, TokenBatches, load_corpus, unigram_loss
-from stability.tokenizers import Tokenizer, default_cache_dir, encode_documents_with_offsets, load_tokenizer
+from stability.tokenizers import (
+    Tokenizer,
+    bpe_cache_path,
+    default_cache_dir,
+    encode_documents_with_offsets,
+    load_tokenizer,
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -67,7 +74,8 @@ def _mode_accuracy(tokens: torch.Tensor) -> float:
     return float(torch.bincount(targets).max()) / max(targets.numel(), 1)
 
 
-def _encode_cached(tokenizer: Tokenizer, corpus: Corpus, split: str, cache_dir: Path) -> tuple[torch.Tensor, list[int]]:
+def _encode_cached(tokenizer: Tokenizer, corpus: Corpus, split: str, cache_dir: Path,
+                   say: Callable[[str], None]) -> tuple[torch.Tensor, list[int]]:
     """A split's token stream and document offsets, from the cache or encoded and cached."""
     docs = corpus.train if split == "train" else corpus.val
     key = f"v2-{tokenizer.name}-{tokenizer.vocab_size}-{corpus.fingerprint()[:32]}-{split}"
@@ -75,6 +83,9 @@ def _encode_cached(tokenizer: Tokenizer, corpus: Corpus, split: str, cache_dir: 
     if path.exists():
         cached = torch.load(path, weights_only=True)
         return cached["tokens"], cached["offsets"].tolist()
+    chars = sum(len(d.text) for d in docs)
+    if chars > 1_000_000:
+        say(f"encoding the {split} split of {corpus.name} ({chars / 1e6:.1f} M characters; cached for next time)")
     tokens, offsets = encode_documents_with_offsets(tokenizer, docs)
     dtype = torch.int32 if tokenizer.vocab_size < 2**31 else torch.int64
     atomic_write(path, lambda f: torch.save({"tokens": tokens.to(dtype), "offsets": torch.tensor(offsets)}, f))
@@ -89,17 +100,22 @@ def source_name(train: TrainConfig, path: str) -> str:
     return str(root / path) if root.is_dir() else str(root.parent / path)
 
 
-def prepare_data(spec: RunSpec) -> tuple[Tokenizer, Corpus, list[TaskData]]:
-    """The tokenizer, the corpus and its tasks (one without --continual-learning)."""
+def prepare_data(spec: RunSpec, say: Callable[[str], None] = lambda text: None
+                 ) -> tuple[Tokenizer, Corpus, list[TaskData]]:
+    """The tokenizer, the corpus and its tasks (one without --continual-learning);
+    ``say`` tells what takes long the first time (training the tokenizer, encoding)."""
     t = spec.train
     corpus = load_corpus(t.data, t.dataset, t.val_fraction)
     cache_dir = default_cache_dir()
+    if t.tokenizer == "bpe" and not bpe_cache_path(corpus, t.vocab_size, cache_dir).exists():
+        say(f"training the bpe tokenizer ({t.vocab_size} tokens) on the training split of {corpus.name} "
+            f"({corpus.num_chars()[0] / 1e6:.1f} M characters; cached for next time)")
     tokenizer = load_tokenizer(t.tokenizer, corpus, t.vocab_size, cache_dir)
     parts = corpus.partition(spec.num_tasks) if spec.num_tasks > 1 else [corpus]
     tasks = []
     for i, part in enumerate(parts):
-        train_tokens, offsets = _encode_cached(tokenizer, part, "train", cache_dir)
-        val_tokens, _ = _encode_cached(tokenizer, part, "val", cache_dir)
+        train_tokens, offsets = _encode_cached(tokenizer, part, "train", cache_dir, say)
+        val_tokens, _ = _encode_cached(tokenizer, part, "val", cache_dir, say)
         train = TokenBatches(train_tokens, t.batch_size, t.sequence_length, seed=t.seed + i)
         val = TokenBatches(val_tokens, t.batch_size, t.sequence_length, shuffle=False, pad_id=tokenizer.pad_id)
         tasks.append(TaskData(part.name, train, val, unigram_loss(val_tokens, tokenizer.vocab_size),

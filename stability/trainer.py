@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stability.config import ConfigError, GuardConfig, PlasticityConfig, TrainConfig
-from stability.distributed import Dist, all_reduce_, full
+from stability.distributed import Dist, all_reduce_, local
 from stability.faults import FaultInjector
 from stability.guard import OVERFLOW, StepGuard, Verdict
 from stability.plasticity import PlasticityController
@@ -64,14 +64,23 @@ def estimate_vocab(train_cfg: TrainConfig) -> int:
     return _FIXED_VOCAB.get(train_cfg.tokenizer, train_cfg.vocab_size)
 
 
-def estimate_training_bytes(model_cfg, train_cfg: TrainConfig) -> dict[str, int]:
-    """What a training step holds, by part, before anything is allocated: the model is
-    built on the meta device, so its parameters are counted without memory."""
+def count_parameters(model_cfg, train_cfg: TrainConfig) -> int:
+    """The model's parameters, counted on the meta device: nothing is allocated."""
     from model import HybridLM
 
-    vocab = estimate_vocab(train_cfg)
     with torch.device("meta"):
-        params = sum(p.numel() for p in HybridLM(replace(model_cfg, vocab_size=vocab)).parameters())
+        return sum(p.numel() for p in HybridLM(replace(model_cfg, vocab_size=estimate_vocab(train_cfg))).parameters())
+
+
+def checkpoint_bytes(model_cfg, train_cfg: TrainConfig) -> int:
+    """About what one checkpoint takes on disk: the weights and Adam's two moments, in fp32."""
+    return 3 * 4 * count_parameters(model_cfg, train_cfg)
+
+
+def estimate_training_bytes(model_cfg, train_cfg: TrainConfig) -> dict[str, int]:
+    """What a training step holds, by part, before anything is allocated."""
+    vocab = estimate_vocab(train_cfg)
+    params = count_parameters(model_cfg, train_cfg)
     fp32 = 4
     return {
         # weights, gradients, Adam's two moments, and the rollback snapshot of all three
@@ -241,12 +250,13 @@ class Trainer:
         mean_loss = loss_sum / len(batches)
         if self.injector:
             self.injector.on_grads()
-        # 3. unscale and measure (FSDP2's shards reduced to the full norm: a collective, no sync)
+        # 3. unscale and measure: each parameter's gradient norm, and the total from them
         self.policy.unscale_(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = full(torch.nn.utils.get_total_norm(grads, foreach=True))
+        norms, grad_norm = self._grad_norms(grads)  # norms (p,): one per parameter, 0 without a gradient
+        self.guard.observe_param_norms(norms)
         if self.plasticity is not None:
-            self.plasticity.observe_grads(grads)
+            self.plasticity.observe_norms(norms)
         if not self.guard_cfg.guard:
             return self._unguarded_step(grads, grad_norm, mean_loss, tokens, out, lr)
         # 4. judge, clip, guarded step
@@ -258,7 +268,7 @@ class Trainer:
         self.optimizer.step()
         # 5. loss scale (the step is recorded with the scale it ran at)
         scale_used = self.policy.scale_t
-        self.policy.update(verdict.overflow, verdict.loss_ok)
+        self.policy.update(verdict.overflow, verdict.loss_ok, verdict.inf)
         # 6. clean slate for the next window
         self.optimizer.zero_grad(set_to_none=True)
         # fp16 overflows belong to the scale policy, every other skip to rollback
@@ -267,6 +277,18 @@ class Trainer:
         self._after_step(out, verdict.skip, mean_loss)
         self.step += 1
         return StepOutput(mean_loss, grad_norm, verdict, tokens)
+
+    def _grad_norms(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-parameter gradient norms (p,) and their total, ``get_total_norm``'s arithmetic.
+        Under FSDP2 each rank holds shards: one all-reduce of the squares gives both."""
+        norms = torch.stack(torch._foreach_norm([local(g) for g in grads]))  # (p,)
+        if len(grads) < len(self.params):  # an unused parameter: keep one entry per parameter
+            have = [i for i, p in enumerate(self.params) if p.grad is not None]
+            norms = norms.new_zeros(len(self.params)).index_copy_(0, torch.tensor(have, device=norms.device), norms)
+        if self.dist.mode == "fsdp":
+            squares = all_reduce_(self.dist, norms.float().square())
+            return squares.sqrt(), squares.sum().sqrt()
+        return norms, torch.linalg.vector_norm(norms)
 
     def _unguarded_step(self, grads, grad_norm, loss, tokens, out, lr) -> StepOutput:
         """The same step with no guard: the baseline the guard's overhead is measured

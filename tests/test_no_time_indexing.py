@@ -17,11 +17,27 @@ def _loop_names(target: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
 
 
+def _compiled(tree: ast.AST) -> set[ast.AST]:
+    """Nodes inside numba-compiled functions: there indexing by time is the point (they run
+    on numpy arrays with no autograd, so the quadratic backward cannot happen)."""
+    inside = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef) and any("njit" in ast.unparse(d) or "numba" in ast.unparse(d)
+                                                   for d in fn.decorator_list):
+            inside.update(ast.walk(fn))
+    return inside
+
+
 def time_indexing_sites(source: str) -> list[int]:
     """Lines where a subscript inside a ``for`` loop uses the loop variable in a
-    multi-axis index (``x[:, t]``), or any index when the loop runs over ``range``."""
+    multi-axis index (``x[:, t]``), or any index when the loop runs over ``range``;
+    numba-compiled functions excepted."""
     sites = []
-    for loop in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    compiled = _compiled(tree)
+    for loop in ast.walk(tree):
+        if loop in compiled:
+            continue
         if not isinstance(loop, ast.For):
             continue
         names = _loop_names(loop.target)
@@ -40,6 +56,8 @@ def test_checker_catches_time_indexing():
     assert time_indexing_sites(bad) == [2, 2]
     good = "for a_t, b_t in zip(a.unbind(1), b.unbind(1)):\n    h = h * a_t + b_t\n"
     assert time_indexing_sites(good) == []
+    compiled = "@numba.njit(cache=True)\ndef k(a, h):\n    for t in range(n):\n        h = h * a[:, t]\n"
+    assert time_indexing_sites(compiled) == []
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))

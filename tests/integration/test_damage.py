@@ -187,7 +187,8 @@ def test_the_end_of_run_validation_is_capped_and_long_phases_report_progress(tmp
     assert spec.train.eval_batches and spec.train.eval_batches <= 256, "validation is capped by default"
     out = tmp_path / "run"
     assert run_cli(["--data", str(corpus), "--tokenizer", "byte", "--batch-size", "4", "--sequence-length", "32",
-                    *TINY_MODEL, "--output-dir", str(out), "--max-steps", "2", "--eval-batches", "0"]) == 0
+                    *TINY_MODEL, "--output-dir", str(out), "--max-steps", "2", "--eval-batches", "0",
+                    "--val-fraction", "0.3"]) == 0
     printed = capsys.readouterr().out
     assert "validating" in printed, "a validation of the whole split says how far it got"
     (epoch,) = records(out, "epoch")

@@ -4,14 +4,14 @@ import statistics
 
 import pytest
 
-from stability.cli import PHASES
+from stability.cli import PHASES, applicable
 from stability.drill import TINY, TINY_TRAIN
 from tests.integration.cli_helpers import records, run_cli
 
 
 def tiny_phase_args(phase: int) -> list[str]:
     """The phase's preset, flag for flag, at tiny sizes."""
-    values = {**PHASES[phase], **TINY, **TINY_TRAIN}
+    values = applicable({**PHASES[phase], **TINY, **TINY_TRAIN})
     args = []
     for k, v in values.items():
         name = "--" + k.replace("_", "-")

@@ -51,3 +51,9 @@ def test_drill_fails_when_the_guard_is_off(tmp_path):
     assert drill(spec, out) == 1
     text = out.getvalue()
     assert "not survived" in text and "loss:nan@3" in text
+    # and it said how far it got after every run, not only at the end
+    lines = [line for line in text.splitlines() if line.startswith("drill: ") and "/" in line.split()[1]]
+    assert lines[0].startswith("drill: 1/") and "control" in lines[0]
+    total = int(lines[0].split()[1].split("/")[1])
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == list(range(1, total + 1))
+

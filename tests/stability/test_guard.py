@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stability.config import GuardConfig
-from stability.guard import BANDS, NONFINITE_LOSS, OK, OVERFLOW, REASONS, SPIKE, StepGuard, band_name
+from stability.guard import BANDS, NONFINITE_GRAD, NONFINITE_LOSS, OK, OVERFLOW, REASONS, SPIKE, StepGuard, band_name
 
 T, F = torch.tensor(True), torch.tensor(False)
 
@@ -21,13 +21,14 @@ def judge_and_commit(g: StepGuard, step: int, norm: float, loss_ok=T):
 
 @pytest.mark.parametrize("loss_ok,norm,reason", [
     (T, 1.0, OK), (F, 1.0, NONFINITE_LOSS), (F, math.nan, NONFINITE_LOSS),
-    (T, math.inf, OVERFLOW), (T, -math.inf, OVERFLOW), (T, math.nan, OVERFLOW),
+    (T, math.inf, OVERFLOW), (T, -math.inf, OVERFLOW), (T, math.nan, NONFINITE_GRAD),
 ])
 def test_every_step_is_classified(loss_ok, norm, reason):
     v = guard().judge(loss_ok, torch.tensor(norm))
     assert int(v.reason) == reason
     assert float(v.skip) == float(reason != OK)
-    assert bool(v.overflow) == (reason == OVERFLOW)
+    assert bool(v.overflow) == (reason in (OVERFLOW, NONFINITE_GRAD)), "the loss scale backs off on both"
+    assert bool(v.inf) == (reason == OVERFLOW), "only inf counts as overflow at the minimum scale"
 
 
 @pytest.mark.parametrize("norm,band", [(0.1, "low"), (0.5, "healthy"), (5.0, "healthy"), (5.01, "high"),
@@ -88,12 +89,13 @@ def test_counters_and_consecutive_skips():
     for s, norm in enumerate([1.0, math.inf, math.nan, math.inf, 1.0, math.inf]):
         judge_and_commit(g, s, norm)
     c = g.read()
-    assert c["skips"] == {"ok": 2, "nonfinite_loss": 0, "overflow": 4, "spike": 0, "loss_spike": 0}
+    assert c["skips"] == {"ok": 2, "nonfinite_loss": 0, "overflow": 3, "spike": 0, "loss_spike": 0,
+                           "nonfinite_grad": 1}
     assert c["good_steps"] == 2
     assert c["consecutive_skips"] == 1
     assert c["bands"]["exploded"] == 4 and c["bands"]["healthy"] == 2
     reasons = [REASONS[int(r[2])] for r in c["history"][:6]]
-    assert reasons == ["ok", "overflow", "overflow", "overflow", "ok", "overflow"]
+    assert reasons == ["ok", "overflow", "nonfinite_grad", "overflow", "ok", "overflow"]
 
 
 def test_state_dict_round_trip():
@@ -149,3 +151,11 @@ def test_resetting_the_loss_statistics_disarms_the_detector_until_the_warmup_aga
     _warm_loss(g, 20)
     g.reset_loss_stats()
     assert int(g.judge(T, torch.tensor(1.0), torch.tensor(30.0)).reason) == OK
+
+
+def test_the_parameters_whose_gradients_went_non_finite_are_read_once_with_the_counters():
+    g = guard()
+    g.observe_param_norms(torch.tensor([1.0, math.nan, 2.0]))
+    g.observe_param_norms(torch.tensor([math.inf, 1.0, 2.0]))
+    assert g.read()["bad_params"] == [0, 1]
+    assert g.read()["bad_params"] == [], "read: the next window starts clean"

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from stability.healthreport import (
+pytest.importorskip("matplotlib", reason="lsnn report draws with matplotlib (a default dependency)")
+Image = pytest.importorskip("PIL.Image", reason="the PNG is read back with Pillow (comes with matplotlib)")
+
+from stability.healthreport import (  # noqa: E402
     ReportError,
     RunLog,
     band_edges,

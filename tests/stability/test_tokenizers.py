@@ -12,14 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
-import tiktoken
-import tiktoken.load
-import tiktoken_ext.openai_public
-import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
-from stability import tokenizers as tk
+pytest.importorskip("tiktoken", reason="the test extra brings tiktoken (the gpt2/o200k adapter's oracle)")
+pytest.importorskip("tokenizers", reason="the bpe tokenizer is the tokenizers library's (a default dependency)")
+import tiktoken  # noqa: E402
+import tiktoken.load  # noqa: E402
+import tiktoken_ext.openai_public  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from stability import tokenizers as tk  # noqa: E402
 from stability.data import (
     Corpus,
     DataError,

@@ -75,7 +75,7 @@ def test_skipped_step_leaves_no_trace_fp32(site, kind, at):
     assert_same_state(treated, control)
     counters = treated.guard.read()
     assert sum(v for k, v in counters["skips"].items() if k != "ok") == 1
-    expected = "overflow" if site.startswith("grad") else "nonfinite_loss"
+    expected = ("nonfinite_grad" if kind == "nan" else "overflow") if site.startswith("grad") else "nonfinite_loss"
     assert counters["skips"][expected] == 1
 
 
@@ -273,7 +273,8 @@ def test_random_transient_fault_plans_are_survived(plan):
             twin.train_step([b])
     assert all(torch.isfinite(p).all() for p in faulty.model.parameters())
     counters = faulty.guard.read()
-    assert counters["skips"]["nonfinite_loss"] + counters["skips"]["overflow"] == len(faulty_steps)
+    skipped = counters["skips"]
+    assert skipped["nonfinite_loss"] + skipped["overflow"] + skipped["nonfinite_grad"] == len(faulty_steps)
     assert counters["good_steps"] == 12 - len(faulty_steps)
     # exactly the run that never saw the faulty batches, and close to the clean run
     assert_same_state(faulty, twin)
