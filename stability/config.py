@@ -108,6 +108,8 @@ class TrainConfig(_Config):
     """Progress output: a bar on a terminal, plain periodic lines otherwise."""
     tensorboard: bool = False
     """Also write each metrics.jsonl record as TensorBoard scalars in OUTPUT_DIR/tensorboard/ (extra: tensorboard)."""
+    report: bool = True
+    """Draw the health report (report.png, report.html) when the run ends or stops with exit 3."""
 
     def __post_init__(self) -> None:
         p: list[str] = []

@@ -67,7 +67,7 @@ def _run(spec: RunSpec, out: Path, fault: str | None, d: Dist) -> tuple[int, lis
     """Train under ``fault``; a preemption (SIGTERM, exit 143) is resumed as a user would.
     Under torchrun every rank trains and rank 0's records are read (after a barrier)."""
     spec = replace(spec, guard=replace(spec.guard, inject_fault=fault),
-                   train=replace(spec.train, output_dir=str(out), resume=False, progress="lines"))
+                   train=replace(spec.train, output_dir=str(out), resume=False, progress="lines", report=False))
     stream = io.StringIO()
     code = _fit(spec, stream, d)
     preempted = code == EXIT_TERMINATED and fault is not None and fault.startswith("sigterm@")

@@ -384,8 +384,22 @@ class Run:
                              f"({self._unsaved}); {self.checkpoints.root} holds step {self._saved_step}. Free some "
                              "space and run the same command with --resume to redo the steps since")
             return EXIT_UNSAVED
+        self._draw_report()
         self.report.line(f"done: {self.trainer.step} steps; checkpoints in {self.checkpoints.root}")
         return EXIT_OK
+
+    def _draw_report(self) -> None:
+        """report.png and report.html from metrics.jsonl (rank 0; --no-report skips it)."""
+        if not (self.spec.train.report and self.dist.main):
+            return
+        from stability.healthreport import ReportError, write_report
+
+        try:
+            png, _ = write_report(self.out)
+        except (ReportError, OSError) as e:  # a full disk: the run itself is saved; say so, go on
+            self.report.warn(f"could not write the health report: {e}")
+            return
+        self.report.line(f"health report: {png} and {png.with_suffix('.html').name}")
 
     def _loop(self) -> int | None:
         """Train until the data or the budget ends; an exit code if a signal stopped it."""
@@ -816,6 +830,7 @@ class Run:
         if saved:
             self.report.line(f"  last good state (step {last_good_step}) saved to {saved}")
         self.report.line(f"  report: {self.out / 'report.json'}")
+        self._draw_report()
         return EXIT_UNRECOVERABLE
 
     # interrupts ------------------------------------------------------------------------------

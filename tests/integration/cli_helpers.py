@@ -12,7 +12,7 @@ from stability.cli import main
 TINY_MODEL = ["--hidden-dim", "32", "--num-layers", "1", "--liquid-units", "16", "--spiking-units", "8",
               "--liquid-backbone-units", "16", "--mlp-ratio", "2"]
 FAST = ["--tokenizer", "byte", "--batch-size", "4", "--sequence-length", "32", "--eval-batches", "4",
-        "--warmup-steps", "5", "--learning-rate", "3e-3"]
+        "--warmup-steps", "5", "--learning-rate", "3e-3", "--no-report"]  # the report has tests of its own
 
 
 def small_corpus(root: Path, files: int = 24) -> Path:

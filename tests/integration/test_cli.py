@@ -261,3 +261,18 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_allocates(tm
     err = capsys.readouterr().err
     assert "vocabulary 1000000000" in err and "GB" in err and "lower --" in err
     assert not out.exists()
+
+
+def test_a_run_draws_its_health_report_at_the_end_and_at_exit_3_unless_no_report(tmp_path, corpus, capsys):
+    drawn = [a for a in FAST if a != "--no-report"]
+    done, stopped, quiet = tmp_path / "done", tmp_path / "stopped", tmp_path / "quiet"
+    assert run_cli(["--data", str(corpus), *drawn, *TINY_MODEL, "--output-dir", str(done), "--max-steps", "4",
+                    "--log-every", "2"]) == 0
+    assert (done / "report.png").stat().st_size > 10_000 and (done / "report.html").exists()
+    assert "health report:" in capsys.readouterr().out
+    assert run_cli(["--data", str(corpus), *drawn, *TINY_MODEL, "--output-dir", str(stopped), "--max-steps", "30",
+                    "--log-every", "1", "--rollback-after", "2", "--max-rollbacks", "0",
+                    "--inject-fault", "param:nan@3"]) == 3
+    assert (stopped / "report.png").exists() and (stopped / "report.html").exists()
+    assert run_cli(["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(quiet), "--max-steps", "2"]) == 0
+    assert not (quiet / "report.png").exists()
