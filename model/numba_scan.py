@@ -84,136 +84,158 @@ def _bounds(p: int, parts: int, k: int) -> tuple[int, int]:
 # linear in the sequence length and has no object in compiled numpy code.
 
 
-@_njit(parallel=True, fastmath=_FLAGS, cache=True, nogil=True)
-def _forward_kernel(u, dt, decay, c0, e, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
-                    D, gate, has_D, has_z, out, last, parts):  # pragma: no cover - compiled
+@_njit(fastmath=_FLAGS, cache=True, nogil=True)
+def _forward_part(p, parts, u, dt, decay, c0, e, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
+                  D, gate, has_D, has_z, out, last):  # pragma: no cover - compiled
     k, l, n = decay.shape
-    for p in numba.prange(parts):
-        j, j1 = _bounds(p, parts, k)
-        x = np.zeros(n, dtype=u.dtype)
-        zero = x[0]
-        while j < j1:
-            c = c0 + j
-            i = c // e
-            ch = c - i * e
-            u_c, dt_c, out_c, a_c = u[c], dt[c], out[c], decay[j]  # (l), (l), (l), (l n)
-            B_c, C_c = Bk[i * b_batch + ch // b_group], Ck[i * c_batch + ch // c_group]  # (T n)
-            d_skip = D[ch] if has_D else zero
-            gate_c = gate[c] if has_z else gate[0]
-            x[:] = 0
-            t = 0
-            while t < l:
-                w = dt_c[t] * u_c[t]
-                a_t, b_t, c_t = a_c[t], B_c[t * b_step], C_c[t * c_step]
-                acc = zero
-                m = 0
-                while m < n:
-                    xm = a_t[m] * x[m] + w * b_t[m]
-                    x[m] = xm
-                    acc += xm * c_t[m]
-                    m += 1
-                if has_D:
-                    acc += d_skip * u_c[t]
-                if has_z:
-                    acc *= gate_c[t]
-                out_c[t] = acc
-                t += 1
-            last[c, :] = x
-            j += 1
-
-
-@_njit(parallel=True, fastmath=_FLAGS, cache=True, nogil=True)
-def _backward_kernel(u, dt, decay, c0, e, A, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
-                     D, gate, dgate, has_D, has_z, dout, dlast,
-                     du, ddt, dA, dB, dC, dD, dz, parts):  # pragma: no cover - compiled
-    k, l, n = decay.shape
-    for p in numba.prange(parts):
-        j, j1 = _bounds(p, parts, k)
-        xs = np.zeros((l + 1, n), dtype=u.dtype)  # xs[t + 1] = x_t; xs[0] = x_{-1} = 0
-        gs = np.empty((l, n), dtype=u.dtype)  # gs[t] = dL/dx_t
-        dy_c = np.empty(l, dtype=u.dtype)  # dL/dy_t, y the scan's output before skip and gate
-        zero = xs[0, 0]
-        dA_p, dB_p, dC_p, dD_p = dA[p], dB[p], dC[p], dD[p]  # this thread's partial sums
-        while j < j1:
-            c = c0 + j
-            i = c // e
-            ch = c - i * e
-            rb, rc = i * b_batch + ch // b_group, i * c_batch + ch // c_group
-            a_c, u_c, dt_c, dout_c = decay[j], u[c], dt[c], dout[c]  # (l n), (l) ...
-            du_c, ddt_c = du[c], ddt[c]
-            B_c, C_c, dB_c, dC_c = Bk[rb], Ck[rc], dB_p[rb], dC_p[rc]  # (T n)
-            gate_c, dgate_c, dz_c = (gate[c], dgate[c], dz[c]) if has_z else (gate[0], gate[0], gate[0])
-            t = 0
-            while t < l:  # recompute the states
-                w = dt_c[t] * u_c[t]
-                a_t, b_t, x_prev, x_t = a_c[t], B_c[t * b_step], xs[t], xs[t + 1]
-                m = 0
-                while m < n:
-                    x_t[m] = a_t[m] * x_prev[m] + w * b_t[m]
-                    m += 1
-                t += 1
-            d_skip = D[ch] if has_D else zero
-            dD_c = zero
-            t = 0
-            while t < l:  # through the gate and the skip: dL/dy_t, dL/dz_t, dL/dD
-                if has_z:
-                    x_t, c_t = xs[t + 1], C_c[t * c_step]
-                    y = zero
-                    m = 0
-                    while m < n:
-                        y += x_t[m] * c_t[m]
-                        m += 1
-                    if has_D:
-                        y += d_skip * u_c[t]
-                    dz_c[t] = dout_c[t] * y * dgate_c[t]
-                    dy_c[t] = dout_c[t] * gate_c[t]
-                else:
-                    dy_c[t] = dout_c[t]
-                dD_c += dy_c[t] * u_c[t]
-                t += 1
-            if has_D:
-                dD_p[ch] += dD_c
-            g_t, c_t, dlast_c = gs[l - 1], C_c[(l - 1) * c_step], dlast[c]
+    j, j1 = _bounds(p, parts, k)
+    x = np.zeros(n, dtype=u.dtype)
+    zero = x[0]
+    while j < j1:
+        c = c0 + j
+        i = c // e
+        ch = c - i * e
+        u_c, dt_c, out_c, a_c = u[c], dt[c], out[c], decay[j]  # (l), (l), (l), (l n)
+        B_c, C_c = Bk[i * b_batch + ch // b_group], Ck[i * c_batch + ch // c_group]  # (T n)
+        d_skip = D[ch] if has_D else zero
+        gate_c = gate[c] if has_z else gate[0]
+        x[:] = 0
+        t = 0
+        while t < l:
+            w = dt_c[t] * u_c[t]
+            a_t, b_t, c_t = a_c[t], B_c[t * b_step], C_c[t * c_step]
+            acc = zero
             m = 0
             while m < n:
-                g_t[m] = dlast_c[m] + dy_c[l - 1] * c_t[m]
+                xm = a_t[m] * x[m] + w * b_t[m]
+                x[m] = xm
+                acc += xm * c_t[m]
                 m += 1
-            t = l - 2
-            while t >= 0:  # the adjoint, backwards
-                g_next, a_next, g_t, c_t = gs[t + 1], a_c[t + 1], gs[t], C_c[t * c_step]
-                dy_t = dy_c[t]
+            if has_D:
+                acc += d_skip * u_c[t]
+            if has_z:
+                acc *= gate_c[t]
+            out_c[t] = acc
+            t += 1
+        last[c, :] = x
+        j += 1
+
+
+@_njit(fastmath=_FLAGS, cache=True, nogil=True)
+def _backward_part(p, parts, u, dt, decay, c0, e, A, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
+                   D, gate, dgate, has_D, has_z, dout, dlast,
+                   du, ddt, dA, dB, dC, dD, dz):  # pragma: no cover - compiled
+    k, l, n = decay.shape
+    j, j1 = _bounds(p, parts, k)
+    xs = np.zeros((l + 1, n), dtype=u.dtype)  # xs[t + 1] = x_t; xs[0] = x_{-1} = 0
+    gs = np.empty((l, n), dtype=u.dtype)  # gs[t] = dL/dx_t
+    dy_c = np.empty(l, dtype=u.dtype)  # dL/dy_t, y the scan's output before skip and gate
+    zero = xs[0, 0]
+    dA_p, dB_p, dC_p, dD_p = dA[p], dB[p], dC[p], dD[p]  # this thread's partial sums
+    while j < j1:
+        c = c0 + j
+        i = c // e
+        ch = c - i * e
+        rb, rc = i * b_batch + ch // b_group, i * c_batch + ch // c_group
+        a_c, u_c, dt_c, dout_c = decay[j], u[c], dt[c], dout[c]  # (l n), (l) ...
+        du_c, ddt_c = du[c], ddt[c]
+        B_c, C_c, dB_c, dC_c = Bk[rb], Ck[rc], dB_p[rb], dC_p[rc]  # (T n)
+        gate_c, dgate_c, dz_c = (gate[c], dgate[c], dz[c]) if has_z else (gate[0], gate[0], gate[0])
+        t = 0
+        while t < l:  # recompute the states
+            w = dt_c[t] * u_c[t]
+            a_t, b_t, x_prev, x_t = a_c[t], B_c[t * b_step], xs[t], xs[t + 1]
+            m = 0
+            while m < n:
+                x_t[m] = a_t[m] * x_prev[m] + w * b_t[m]
+                m += 1
+            t += 1
+        d_skip = D[ch] if has_D else zero
+        dD_c = zero
+        t = 0
+        while t < l:  # through the gate and the skip: dL/dy_t, dL/dz_t, dL/dD
+            if has_z:
+                x_t, c_t = xs[t + 1], C_c[t * c_step]
+                y = zero
                 m = 0
                 while m < n:
-                    g_t[m] = a_next[m] * g_next[m] + dy_t * c_t[m]
+                    y += x_t[m] * c_t[m]
                     m += 1
-                t -= 1
-            dA_c, A_c = dA_p[ch], A[ch]
-            t = 0
-            while t < l:  # every gradient from the adjoint, token by token
-                g_t, a_t, x_prev, x_t = gs[t], a_c[t], xs[t], xs[t + 1]
-                b_t, db_t, dc_t = B_c[t * b_step], dB_c[t * b_step], dC_c[t * c_step]
-                dt_t, u_t, dy_t = dt_c[t], u_c[t], dy_c[t]
-                w = dt_t * u_t
-                # two short loops: as one loop, or as three, this section ran 3x slower
-                # (measured; the compiler's vectorisation and alias checks are fickle here)
-                gB = zero
-                m = 0
-                while m < n:
-                    gB += g_t[m] * b_t[m]
-                    db_t[m] += g_t[m] * w
-                    dc_t[m] += dy_t * x_t[m]
-                    m += 1
-                dlogA = zero
-                m = 0
-                while m < n:
-                    dlog = g_t[m] * a_t[m] * x_prev[m]  # dL/d(dt_t A_m)
-                    dlogA += dlog * A_c[m]
-                    dA_c[m] += dlog * dt_t
-                    m += 1
-                du_c[t] = gB * dt_t + dy_t * d_skip if has_D else gB * dt_t
-                ddt_c[t] = dlogA + gB * u_t
-                t += 1
-            j += 1
+                if has_D:
+                    y += d_skip * u_c[t]
+                dz_c[t] = dout_c[t] * y * dgate_c[t]
+                dy_c[t] = dout_c[t] * gate_c[t]
+            else:
+                dy_c[t] = dout_c[t]
+            dD_c += dy_c[t] * u_c[t]
+            t += 1
+        if has_D:
+            dD_p[ch] += dD_c
+        g_t, c_t, dlast_c = gs[l - 1], C_c[(l - 1) * c_step], dlast[c]
+        m = 0
+        while m < n:
+            g_t[m] = dlast_c[m] + dy_c[l - 1] * c_t[m]
+            m += 1
+        t = l - 2
+        while t >= 0:  # the adjoint, backwards
+            g_next, a_next, g_t, c_t = gs[t + 1], a_c[t + 1], gs[t], C_c[t * c_step]
+            dy_t = dy_c[t]
+            m = 0
+            while m < n:
+                g_t[m] = a_next[m] * g_next[m] + dy_t * c_t[m]
+                m += 1
+            t -= 1
+        dA_c, A_c = dA_p[ch], A[ch]
+        t = 0
+        while t < l:  # every gradient from the adjoint, token by token
+            g_t, a_t, x_prev, x_t = gs[t], a_c[t], xs[t], xs[t + 1]
+            b_t, db_t, dc_t = B_c[t * b_step], dB_c[t * b_step], dC_c[t * c_step]
+            dt_t, u_t, dy_t = dt_c[t], u_c[t], dy_c[t]
+            w = dt_t * u_t
+            # two short loops: as one loop, or as three, this section ran 3x slower
+            # (measured; the compiler's vectorisation and alias checks are fickle here)
+            gB = zero
+            m = 0
+            while m < n:
+                gB += g_t[m] * b_t[m]
+                db_t[m] += g_t[m] * w
+                dc_t[m] += dy_t * x_t[m]
+                m += 1
+            dlogA = zero
+            m = 0
+            while m < n:
+                dlog = g_t[m] * a_t[m] * x_prev[m]  # dL/d(dt_t A_m)
+                dlogA += dlog * A_c[m]
+                dA_c[m] += dlog * dt_t
+                m += 1
+            du_c[t] = gB * dt_t + dy_t * d_skip if has_D else gB * dt_t
+            ddt_c[t] = dlogA + gB * u_t
+            t += 1
+        j += 1
+
+
+@_njit(parallel=True, cache=True, nogil=True)
+def _forward_kernel(parts, *args):  # pragma: no cover - compiled
+    for p in numba.prange(parts):
+        _forward_part(p, parts, *args)
+
+
+@_njit(parallel=True, cache=True, nogil=True)
+def _backward_kernel(parts, *args):  # pragma: no cover - compiled
+    for p in numba.prange(parts):
+        _backward_part(p, parts, *args)
+
+
+def _launch(part, kernel, parts: int, *args) -> None:
+    """Run ``part`` over ``parts`` partitions: in this thread when there is one, else on
+    numba's threads. One partition never enters numba's parallel launch: its end barrier
+    waits for every worker thread to be scheduled, which on cores that other jobs share
+    cost 20-30 ms a call (a phase-3 scan's forward and backward took 0.5 s instead of
+    0.055 s with one torch thread and numba's default two)."""
+    if parts == 1:
+        part(0, 1, *args)
+    else:
+        kernel(parts, *args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,9 +332,9 @@ class _NumbaScan(torch.autograd.Function):
         buf = u2.new_empty(blocks[0][1], l, n)
         for c0, c1 in blocks:
             decay = _decays(dt2, A_rows, c0, c1, buf)
-            _forward_kernel(_np(u2), _np(dt2), _np(decay), c0, e, *Br.args(), *Cr.args(),
-                            _np(D_), _np(gate), D is not None, z is not None, _np(out), _np(last),
-                            _parts(c1 - c0))
+            _launch(_forward_part, _forward_kernel, _parts(c1 - c0),
+                    _np(u2), _np(dt2), _np(decay), c0, e, *Br.args(), *Cr.args(),
+                    _np(D_), _np(gate), D is not None, z is not None, _np(out), _np(last))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.softplus = softplus
         return out.view(b, e, l).to(u.dtype), last.view(b, e, n)
@@ -348,10 +370,11 @@ class _NumbaScan(torch.autograd.Function):
         buf = u2.new_empty(blocks[0][1], l, n)
         for c0, c1 in blocks:
             decay = _decays(dt2, A_rows, c0, c1, buf)
-            _backward_kernel(_np(u2), _np(dt2), _np(decay), c0, e, _np(A32), *Br.args(), *Cr.args(),
-                             _np(D_), _np(gate), _np(dgate), D is not None, z is not None,
-                             _np(dout2), _np(dlast2), _np(du), _np(ddt), _np(dA_p), _np(dB_p), _np(dC_p),
-                             _np(dD_p), _np(dz), _parts(c1 - c0))
+            _launch(_backward_part, _backward_kernel, _parts(c1 - c0),
+                    _np(u2), _np(dt2), _np(decay), c0, e, _np(A32), *Br.args(), *Cr.args(),
+                    _np(D_), _np(gate), _np(dgate), D is not None, z is not None,
+                    _np(dout2), _np(dlast2), _np(du), _np(ddt), _np(dA_p), _np(dB_p), _np(dC_p),
+                    _np(dD_p), _np(dz))
         ddelta = ddt.view(b, e, l)
         if ctx.softplus:
             ddelta = ddelta * torch.sigmoid(pre)  # d softplus(x) / dx = sigmoid(x)
