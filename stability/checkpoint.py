@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import shutil
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +111,10 @@ def _remove(path: Path) -> None:
 def _readable(load, path: Path):
     try:
         return load()
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
-        # torch.load and DCP report a truncated, empty or foreign checkpoint with any of these
+    except Exception as e:  # noqa: BLE001 - a file parser's errors, named and re-raised, never swallowed
+        # torch.load reports a truncated or foreign file as RuntimeError, EOFError, UnpicklingError,
+        # BadZipFile..., and random bytes reach its legacy unpickler, which raises IndexError,
+        # KeyError or TypeError as they fall
         first = str(e).splitlines()[0] if str(e) else ""
         raise UnreadableCheckpoint(f"{path} is not a readable checkpoint (truncated, empty or corrupt: "
                                    f"{type(e).__name__}: {first})") from e
