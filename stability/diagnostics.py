@@ -80,8 +80,8 @@ def cross_attn_max_logit(attn: CausalCrossAttention, query_stream: torch.Tensor,
     keys = torch.arange(l, device=q.device)
     rows = max(1, _LOGIT_BLOCK // (b * h * l))
     best = torch.full((), -math.inf, device=q.device)
-    for start in range(0, l, rows):
-        logits = q[:, :, start:start + rows] @ k.transpose(-1, -2) / math.sqrt(c)  # b h r l
+    for start, chunk in zip(range(0, l, rows), q.split(rows, dim=2)):
+        logits = chunk @ k.transpose(-1, -2) / math.sqrt(c)  # b h r l
         queries = torch.arange(start, start + logits.shape[2], device=q.device)
         logits = logits.masked_fill(keys[None, :] > queries[:, None], -math.inf)
         best = torch.maximum(best, logits.amax())
@@ -198,10 +198,13 @@ class BlockProbe:
                 rows.append(_norms([[local(p.detach()) for p in b.parameters()] for b in self.blocks], self.dist,
                                    self.device))
             else:
-                rows.append(torch.stack([self._sums[(name, i)] / self._counts[(name, i)]
-                                         if (name, i) in self._sums else nan for i in range(n)]))
+                rows.append(torch.stack([self._mean(name, i, nan) for i in range(n)]))
         self._reset()
         return torch.cat([r.float().reshape(n) for r in rows])
+
+    def _mean(self, name: str, i: int, missing: torch.Tensor) -> torch.Tensor:
+        key = (name, i)
+        return self._sums[key] / self._counts[key] if key in self._sums else missing
 
     def fields(self, floats: list[float]) -> dict[str, list[float] | None]:
         """The ``blocks`` record's fields from ``take()``'s values read on the host: one float
