@@ -112,7 +112,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                    help="flag values from a JSON, YAML (.yaml/.yml) or TOML file: flat (learning_rate: 0.001 or "
                         "learning-rate) or in sections as a run's config.json writes them, so --config "
-                        "runs/X/config.json repeats run X; it overrides --phase, explicit flags override it")
+                        "runs/X/config.json repeats run X (--resume and --overwrite come from the command "
+                        "line only); it overrides --phase, explicit flags override it")
     add_config_flags(p, TrainConfig)
     add_config_flags(p, ModelConfig, skip=_SKIP_MODEL_FIELDS)
     add_config_flags(p, GuardConfig)
@@ -170,6 +171,10 @@ def check_dependencies(explicit: dict[str, Any], values: dict[str, Any]) -> None
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "guard": GuardConfig,
                               "plasticity": PlasticityConfig, "continual": ContinualConfig}
 _RUN_FACTS = ("tokenizer", "corpus", "tasks", "device", "precision", "torch", "distributed")
+# What a process does to --output-dir, not how the run trains: only the command line says it
+# (run X's config.json has resume or overwrite true when X was started so, and --config must
+# not resume or wipe X behind the user's back).
+_COMMAND_LINE_ONLY = ("resume", "overwrite")
 _CONFIG_SUFFIXES = (".json", ".yaml", ".yml", ".toml")
 
 
@@ -265,6 +270,8 @@ def read_config(path: str | Path) -> tuple[int | None, dict[str, Any], dict[str,
     phase, values, keys = None, {}, {}
 
     def put(name: str, value: Any, key: str) -> None:
+        if name in _COMMAND_LINE_ONLY:
+            return
         if name in keys:
             raise CliError(f"{where}: {key} and {keys[name]} both set {flag(name)}; keep one")
         values[name], keys[name] = _check_value(name, value, key, where), key

@@ -47,6 +47,15 @@ def test_a_runs_config_json_gives_back_the_run_it_describes(tmp_path, argv):
     assert spec_of("--config", path) == spec
 
 
+def test_a_file_never_resumes_or_overwrites_the_run_it_came_from(tmp_path):
+    written = config_json(spec_of("--phase", "1", "--output-dir", str(tmp_path / "x"), "--resume"))
+    path = write(tmp_path, "config.json", json.dumps({**written, "train": {**written["train"], "overwrite": True}}))
+    repeated = spec_of("--config", path)
+    assert (repeated.train.resume, repeated.train.overwrite) == (False, False)
+    assert repeated.train.output_dir == str(tmp_path / "x"), "so the run refuses to start there: X holds a run"
+    assert spec_of("--config", path, "--resume").train.resume, "the command line still says it"
+
+
 def test_the_config_json_of_a_real_run_repeats_it(tmp_path):
     corpus = small_corpus(tmp_path / "corpus", files=8)
     args = ["--data", str(corpus), *FAST, *TINY_MODEL, "--max-steps", "2", "--log-every", "1",
