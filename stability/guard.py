@@ -221,22 +221,27 @@ class StepGuard:
                            scale.float(), lr.float()])
         self.history[step % self.window].copy_(row)
 
-    def read(self) -> dict[str, Any]:
+    def read(self, extra: torch.Tensor | None = None) -> dict[str, Any]:
         """Every counter, the history window and the parameters whose gradients went
-        non-finite since the last read, as Python values: one host sync."""
+        non-finite since the last read, as Python values: one host sync. ``extra`` (a flat
+        device tensor, the BlockProbe's values) rides in the same transfer and comes back as
+        ``"extra"``, a list of floats (None without it)."""
         bad = self.bad_params if self.bad_params is not None else self.skips.new_zeros(0, dtype=torch.bool)
+        riders = [bad.double()] if extra is None else [bad.double(), extra.double().flatten()]
         flat = torch.cat([
             self.skips.double(), self.bands.double(),
             torch.stack([self.good_steps, self.consecutive_skips, self.spikes_clipped, self.peer_skips]).double(),
-            self.history.double().flatten(), bad.double(),
+            self.history.double().flatten(), *riders,
         ]).tolist()  # host sync
         n_r, n_b = len(REASONS), len(BANDS)
         end = n_r + n_b + 4 + self.window * 6
-        history, bad_flags = flat[n_r + n_b + 4:end], flat[end:]
+        n_bad = bad.numel()
+        history, bad_flags, extra_values = flat[n_r + n_b + 4:end], flat[end:end + n_bad], flat[end + n_bad:]
         if self.bad_params is not None:
             self.bad_params.zero_()
         return {
             "bad_params": [i for i, b in enumerate(bad_flags) if b],
+            "extra": extra_values if extra is not None else None,
             "skips": dict(zip(REASONS, map(int, flat[:n_r]))),
             "bands": dict(zip(BANDS, map(int, flat[n_r:n_r + n_b]))),
             "good_steps": int(flat[n_r + n_b]),

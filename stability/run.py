@@ -59,6 +59,7 @@ from stability.checkpoint import (
 from stability.config import RunSpec
 from stability.continual import EWC, ReplayBuffer, format_matrix, per_sequence_loss, transfer
 from stability.data import DataError
+from stability.diagnostics import BlockProbe
 from stability.distributed import Dist, any_rank, barrier, broadcast, device_of, gather, main_first, wrap
 from stability.faults import FaultInjector, parse_faults
 from stability.guard import OVERFLOW, REASONS
@@ -241,7 +242,9 @@ class Run:
         self.best_val = math.inf
         self.matrix: list[list[float]] = []
         self.task_start_step = 0
-        self.report = Reporter(self.out if d.main else None, self.stream_out, t.progress if d.main else "lines")
+        self.report = Reporter(self.out if d.main else None, self.stream_out, t.progress if d.main else "lines",
+                               tensorboard=t.tensorboard)
+        self.probe = self.trainer.probe = BlockProbe(self.model, d)
         self.monitor = Monitor(self.report, spec.guard, t.gradient_clip, t.log_every, 0)
         if d.main:
             if t.overwrite:
@@ -344,6 +347,12 @@ class Run:
 
     # the loop ---------------------------------------------------------------------------
     def fit(self) -> int:
+        try:
+            return self._fit()
+        finally:
+            self.report.close()  # the bar, and the TensorBoard files
+
+    def _fit(self) -> int:
         self._announce()
         if not self.spec.train.resume:
             self._snapshot()  # step 0; a resumed run restores the snapshot schedule instead
@@ -408,6 +417,8 @@ class Run:
             window = self.stream.next_window()
             stepped = bool(window.positions)  # every batch left may be quarantined
             if stepped:
+                if self._sync_after(window):
+                    self.probe.arm()  # the blocks record of the coming sync point: hooks for this step only
                 self._train(window)
             self.stream.advance(window)
             step = self.trainer.step
@@ -415,6 +426,8 @@ class Run:
             budget = self._budget_spent()
             periodic = stepped and t.checkpoint_every > 0 and step % t.checkpoint_every == 0
             due = (stepped and step % t.log_every == 0) or boundary or budget or periodic
+            if not due:
+                self.probe.take()  # armed for a sync point that did not come: its hooks go now
             if due and self._sync():  # rolled back: the window's epoch and task ends never happened
                 if self._stop_agreed(due):
                     return self._interrupted()
@@ -426,6 +439,14 @@ class Run:
             if self._stop_agreed(due):
                 return self._interrupted()
         return None
+
+    def _sync_after(self, window: Window) -> bool:
+        """Whether the step about to train ``window`` ends at a sync point, as _loop decides
+        after it (arming one step too many only costs that step its hooks)."""
+        t, step = self.spec.train, self.trainer.step + 1
+        used = step - (self.task_start_step if self.spec.continual.continual_learning else 0)
+        return (step % t.log_every == 0 or window.epoch_end is not None or bool(t.max_steps and used >= t.max_steps)
+                or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0))
 
     def _stop_agreed(self, sync_point: bool) -> bool:
         """Whether to stop for a signal now: at once with one process; under torchrun at
@@ -449,7 +470,7 @@ class Run:
             del self._steps[old]
         self._last_pos = window.positions[-1]
         self.monitor.tokens += out.tokens
-        self.report.progress(self.trainer.step, self.trainer.total_steps,
+        self.report.progress(self.trainer.step - self.task_start_step, self.trainer.total_steps,
                              f"task {self._last_pos.task + 1} epoch {self._last_pos.epoch + 1}")
 
     def _budget_spent(self) -> bool:
@@ -463,9 +484,10 @@ class Run:
     def _sync(self) -> bool:
         """Read the device counters (one host sync) and act on them; True if it rolled back."""
         step = self.trainer.step
+        blocks = self.probe.take()  # disarms: no hook outlives the armed step
         if step == self.monitor.last_sync_step:
             return False
-        counters = self.trainer.guard.read()  # host sync
+        counters = self.trainer.guard.read(extra=blocks)  # host sync, the probe's values included
         rows = self.monitor.rows(counters["history"], step)
         for r in rows:
             if r["step"] in self._steps:
@@ -477,6 +499,8 @@ class Run:
             self.monitor.plasticity(self._plasticity_seen, plast, step)
             self._plasticity_seen = extra["plasticity"] = plast
         self.monitor.step_line(rows, step, self._last_pos.epoch + 1, counters, **extra)
+        if blocks is not None:
+            self.report.record("blocks", step=step, **self.probe.fields(counters["extra"]))
         try:
             self.trainer.policy.check()
         except LossScaleError as e:

@@ -186,6 +186,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken or skipped; restored by rollback and resume
         self.attempt = 0  # optimizer-step attempts; never goes back (fault plans key on it)
         self.plasticity = None
+        self.probe = None  # a stability.diagnostics.BlockProbe, armed by the run before a sync point
         if plasticity_cfg is not None and (plasticity_cfg.use_stdp or plasticity_cfg.use_meta_plasticity):
             self.plasticity = PlasticityController(model, plasticity_cfg, guard_cfg, self.params,
                                                    [g["name"] for g in groups], device, injector, dist)
@@ -257,6 +258,8 @@ class Trainer:
         self.guard.observe_param_norms(norms)
         if self.plasticity is not None:
             self.plasticity.observe_norms(norms)
+        if self.probe is not None and self.probe.armed:
+            self.probe.observe_grads()  # per-block norms before clipping, on the device
         if not self.guard_cfg.guard:
             return self._unguarded_step(grads, grad_norm, mean_loss, tokens, out, lr)
         # 4. judge, clip, guarded step
