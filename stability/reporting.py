@@ -121,6 +121,7 @@ class Reporter:
         self._bar: tqdm | None = None
         self._desc = ""
         self._summaries: set[tuple] = set()
+        self._dropping = False  # appends to metrics.jsonl are failing (a full disk)
         self.tensorboard_dir = Path(out_dir) / "tensorboard" if out_dir and tensorboard else None
         self._writer_cls = summary_writer() if self.tensorboard_dir else None
         self._writer: Any = None
@@ -179,8 +180,21 @@ class Reporter:
         """One record: a line of metrics.jsonl and, with --tensorboard, its scalars."""
         if self.metrics_path is None:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(_clean({"kind": kind, **fields})) + "\n")
+        line = (json.dumps(_clean({"kind": kind, **fields})) + "\n").encode()
+        with open(self.metrics_path, "ab", buffering=0) as f:  # unbuffered: no retry at close
+            start = f.tell()
+            try:
+                rest = memoryview(line)
+                while rest:  # a nearly full disk may take part of a write
+                    rest = rest[f.write(rest):]
+            except OSError as e:  # a full disk: put the file back as it was, say so once, go on
+                f.truncate(start)
+                if not self._dropping:
+                    self.warn(f"could not append to {self.metrics_path} ({e.strerror or e}); records are dropped "
+                              "until the disk has room again")
+                self._dropping = True
+                return
+        self._dropping = False
         if self.tensorboard_dir is not None:
             self._scalars(kind, fields)
             self._writer.flush()  # a few records per sync point: TensorBoard shows them at once

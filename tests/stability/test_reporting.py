@@ -240,3 +240,41 @@ def test_a_partial_summary_at_max_steps_does_not_hide_the_epochs_real_end(tmp_pa
     assert not r.epoch_summary(1, 1, "epoch 1 (stopped)", step=4, complete=False)
     assert r.epoch_summary(1, 1, "epoch 1", step=9, complete=True)
     assert not r.epoch_summary(1, 1, "epoch 1", step=9, complete=True)
+
+
+def test_a_record_the_disk_refuses_is_dropped_whole_with_one_warning(tmp_path, monkeypatch):
+    import errno
+    import io as _io
+
+    out = _io.StringIO()
+    r = Reporter(tmp_path, out)
+    r.record("step", step=1)
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def tell(self):
+            return self.f.tell()
+
+        def truncate(self, n):
+            return self.f.truncate(n)
+
+        def write(self, data):
+            self.f.write(bytes(data[:5]))  # part of it reaches the disk, then it is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", lambda *a, **k: Full(real_open(*a, **k)))
+    r.record("step", step=2)
+    r.record("step", step=3)
+    monkeypatch.undo()
+    r.record("step", step=4)
+    assert [x["step"] for x in read_records(tmp_path / "metrics.jsonl")] == [1, 4], "no half line, nothing lost but 2, 3"
+    assert out.getvalue().count("could not append") == 1
