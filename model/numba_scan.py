@@ -1,43 +1,57 @@
-"""The selective scan's CPU kernel: one fused pass per token, compiled with numba.
+"""The selective scan's CPU kernel: the whole recurrence in one compiled pass, with numba.
 
     dt_t = softplus(delta_t + bias),   a_t = exp(dt_t A)          (per channel, state n)
     x_t = a_t * x_{t-1} + dt_t u_t B_t,   y_t = <x_t, C_t>
     out_t = (y_t + D u_t) * silu(z_t)
 
 ``numba_selective_scan`` is ``model.ssm.selective_scan_numba``'s work; ``model.ssm``'s
-``selective_scan_ref`` is its oracle. Each channel's state lives in a short local vector
-for the whole sequence, so the forward writes only ``out`` (b e l) and the last state:
-nothing of size (b e n l) is kept, and the backward saves only the inputs, as mamba-ssm's
-kernel does. It recomputes dt, the gate and each channel's states into a per-thread (l n)
-buffer, then runs the adjoint g_t = dL/dx_t backwards, from which every gradient follows
-in the same pass.
+``selective_scan_ref`` is its oracle. ``scan_forward`` and ``scan_backward`` take the
+(b l e) layout the kernels run on, for a caller that already holds it.
+
+The kernels run on the (b l e) layout, channels innermost, and vectorise across channels:
+a block of k channels of one sequence keeps its states (n k) in cache for the whole
+sequence, and every step is, for each of the n states, one loop over the k channels.
+(The first kernel vectorised over the n = 16 states of one channel; its loops stayed
+scalar and its backward ran at about 1.8 ns an element and thread, this one's at 0.5.)
+Nothing of size (b e n l) is kept: the forward writes ``out`` and the last state, the
+backward saves only the inputs, as mamba-ssm's kernel does, recomputes each block's
+states and decays into a per-thread buffer and runs the adjoint g_t = dL/dx_t backwards,
+from which every gradient follows in the same pass.
+
+The decays exp(dt A) are computed inside the loops by ``_exp``, a vectorisable
+exponential (Cephes' polynomial, the power of two built from its bits): numba's own
+``exp`` is a scalar call, torch's is vectorised but costs a pass over (k l n) memory and a
+torch call per block. It is within 1 ulp of ``math.exp`` on [-87.3, 88.3] in fp32 (2.2e-16
+relative in fp64), 0 below (the result would be subnormal; torch flushes those too under
+``set_flush_denormal``), inf above, NaN for NaN.
 
 Why numba: the scan is a chain of tiny dependent steps, about 12 torch kernels per token
 for forward and backward, each a full pass over (b e n). A compiled loop does the whole
 chain in registers and cache. numba is the well-kept way to compile such a loop at run
 time with nothing but pip-installed packages (a C++ extension would need a minute of g++
-against torch's headers on every fresh machine). Its own ``exp`` is scalar (2 ns an
-element here, torch's vectorised one 0.15 ns), so the decays are computed by torch in
-cache-sized blocks of channels and only read by the kernel; softplus and silu(z) are torch
-calls too, transient, around the kernel.
+against torch's headers on every fresh machine). softplus and silu(z) are torch calls,
+transient, around the kernels.
 
 Shape letters:
     b  batch
-    e  channels (d_inner); r = b * e channels in one flat index, batch-major
+    e  channels (d_inner)
     n  state size per channel
     l  sequence length
     g  groups of channels sharing one B or C; h = e // g channels a group
-    p  threads (partitions of a block of channels)
-    k  channels in one block
+    k  channels in one block (a work item is one sequence's block)
+    p  threads (partitions of the work items)
 
 B and C reach the kernel as ``rows`` (rows, T, n) with T = l (time-varying) or T = 1
-(constant), and channel (i, j) reads row i * row_batch + j // row_group at time t * t_step.
-Constant (e n) is rows = e, row_batch = 0, row_group = 1, t_step = 0; grouped (b g n l) is
-rows = b g, row_batch = g, row_group = h, t_step = 1; variable (b n l) is grouped with g = 1.
+(constant), and channel j of sequence i reads row i * row_batch + j // row_group at time
+t * t_step. Constant (e n) is rows = e, row_batch = 0, row_group = 1, t_step = 0; grouped
+(b g n l) is rows = b g, row_batch = g, row_group = h, t_step = 1; variable (b n l) is
+grouped with g = 1. A block never straddles two rows, so inside a block B_t and C_t are n
+numbers shared by its channels (constant B or C: blocks of one channel, scalar loops).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,14 +61,20 @@ from torch import Tensor
 
 try:  # optional at run time: without numba, model.ssm runs the torch loop instead
     import numba
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic, overload
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     numba = None
 
-# Elements of one block's decays (k l n): 4 MB of fp32, about the L2 cache of two cores.
-_BLOCK_ELEMS = 1 << 20
+# Elements of one block's buffers (l n k), per buffer: 2 MB of fp32. The backward keeps
+# two (states and decays), about the L2 cache of one core; measured at b4 e512 n16 l256,
+# blocks of 32, 64, 128 and 256 channels took 14, 13, 12 and 11 ms forward and backward.
+_BLOCK_ELEMS = 1 << 19
+_MAX_BLOCK = 256
 
-# Reassociation (so the n-sums vectorise) and fused multiply-adds, but not fastmath's
-# no-NaN/no-inf assumptions: a non-finite scan must stay non-finite for the guard.
+# Reassociation (so sums over channels vectorise) and fused multiply-adds, but not
+# fastmath's no-NaN/no-inf assumptions: a non-finite scan must stay non-finite for the guard.
 _FLAGS = {"reassoc", "contract"}
 
 
@@ -64,154 +84,244 @@ def _njit(**options):
 
 
 def available() -> bool:
-    """Whether numba can be imported (the kernel compiles on first use)."""
+    """Whether numba can be imported (the kernels compile on first use)."""
     return numba is not None
+
+
+# ---------------------------------------------------------------------------------------
+# A vectorisable exp (numpy scalars in, compiled inline into the kernels)
+# ---------------------------------------------------------------------------------------
+
+_F32 = np.float32
+_LO32, _HI32 = _F32(-87.33654475), _F32(88.3762626647949)  # exp: least normal, Cephes' MAXLOGF
+_LOG2E32, _HALF32, _ONE32, _ZERO32, _INF32 = _F32(1.4426950408889634), _F32(0.5), _F32(1), _F32(0), _F32(np.inf)
+_LN2_HI32, _LN2_LO32 = _F32(0.693359375), _F32(-2.12194440e-4)  # ln 2 = hi + lo (Cody-Waite)
+_P32 = tuple(_F32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                               1.6666665459e-1, 5.0000001201e-1))  # Cephes expf
+_P32_0, _P32_1, _P32_2, _P32_3, _P32_4, _P32_5 = _P32
+_LO64, _HI64, _LOG2E64 = -745.2, 709.782712893384, 1.4426950408889634  # HI: log of the largest double
+_LN2_HI64, _LN2_LO64 = 6.93145751953125e-1, 1.42860682030941723212e-6
+# 1/i! for i = 2..13: on |r| <= ln(2)/2 the Taylor remainder is below 1e-17
+(_T2, _T3, _T4, _T5, _T6, _T7, _T8, _T9, _T10, _T11, _T12, _T13) = (1 / math.factorial(i) for i in range(2, 14))
+
+
+def _exp(x):
+    """exp(x) in compiled code (``_exp_impl``); the plain function elsewhere."""
+    return math.exp(x)
+
+
+if numba is not None:
+
+    @intrinsic
+    def _pow2(typingctx, k):
+        """2**k for a float k holding a small integer, from its bits: float32 or float64."""
+        if k not in (types.float32, types.float64):
+            return None
+
+        def codegen(context, builder, signature, args):
+            wide = signature.args[0] == types.float64
+            it = ir.IntType(64 if wide else 32)
+            bits = builder.add(builder.fptosi(args[0], it), ir.Constant(it, 1023 if wide else 127))
+            bits = builder.shl(bits, ir.Constant(it, 52 if wide else 23))
+            return builder.bitcast(bits, ir.DoubleType() if wide else ir.FloatType())
+
+        return k(k), codegen
+
+    @numba.njit(fastmath=_FLAGS, inline="always")
+    def _exp32(x):  # pragma: no cover - compiled
+        xc = min(max(x, _LO32), _HI32)
+        k = np.floor(xc * _LOG2E32 + _HALF32)
+        r = xc - k * _LN2_HI32 - k * _LN2_LO32
+        p = ((((_P32_0 * r + _P32_1) * r + _P32_2) * r + _P32_3) * r + _P32_4) * r + _P32_5
+        res = (p * r * r + r + _ONE32) * _pow2(k)
+        res = _ZERO32 if x < _LO32 else res
+        res = _INF32 if x > _HI32 else res
+        return res if x == x else x
+
+    @numba.njit(fastmath=_FLAGS, inline="always")
+    def _exp64(x):  # pragma: no cover - compiled
+        xc = min(max(x, _LO64), _HI64)
+        k = np.floor(xc * _LOG2E64 + 0.5)
+        r = xc - k * _LN2_HI64 - k * _LN2_LO64
+        p = (((((((((((_T13 * r + _T12) * r + _T11) * r + _T10) * r + _T9) * r + _T8) * r + _T7) * r + _T6) * r
+                 + _T5) * r + _T4) * r + _T3) * r + _T2)
+        half = np.floor(k * 0.5)  # two powers of two: subnormal results stay exact in fp64
+        res = (p * r * r + r + 1.0) * _pow2(half) * _pow2(k - half)
+        res = 0.0 if x < _LO64 else res
+        res = np.inf if x > _HI64 else res
+        return res if x == x else x
+
+    @overload(_exp, inline="always", jit_options={"fastmath": _FLAGS})
+    def _exp_impl(x):
+        if x == types.float32:
+            return lambda x: _exp32(x)
+        if x == types.float64:
+            return lambda x: _exp64(x)
+        return None
 
 
 # ---------------------------------------------------------------------------------------
 # The kernels (numpy arrays in, compiled once per dtype and cached on disk)
 # ---------------------------------------------------------------------------------------
 
+# Every loop that must vectorise runs over the channels of a block, and writes only arrays
+# that are not read through another view of the same allocation: LLVM vectorises a loop
+# whose arrays may alias only when it can check the overlap at run time, which it cannot
+# for two views of one buffer (a state x_t written while x_{t-1} is read from the same
+# (l n k) buffer kept the first draft of the backward scalar).
+
 
 @_njit(inline="always")
-def _bounds(p: int, parts: int, k: int) -> tuple[int, int]:
-    return p * k // parts, (p + 1) * k // parts
-
-
-# The kernels' loops over channels, time and state are ``while`` loops. They compile to
-# the same machine loops as ``for``; they are written so because tests/test_no_time_indexing.py
-# forbids indexing by a ``for`` variable, a rule that keeps torch code under autograd
-# linear in the sequence length and has no object in compiled numpy code.
+def _bounds(p: int, parts: int, count: int) -> tuple[int, int]:
+    return p * count // parts, (p + 1) * count // parts
 
 
 @_njit(fastmath=_FLAGS, cache=True, nogil=True)
-def _forward_part(p, parts, u, dt, decay, c0, e, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
+def _forward_part(p, parts, items, kmax, u, dt, At, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
                   D, gate, has_D, has_z, out, last):  # pragma: no cover - compiled
-    k, l, n = decay.shape
-    j, j1 = _bounds(p, parts, k)
-    x = np.zeros(n, dtype=u.dtype)
-    zero = x[0]
-    while j < j1:
-        c = c0 + j
-        i = c // e
-        ch = c - i * e
-        u_c, dt_c, out_c, a_c = u[c], dt[c], out[c], decay[j]  # (l), (l), (l), (l n)
-        B_c, C_c = Bk[i * b_batch + ch // b_group], Ck[i * c_batch + ch // c_group]  # (T n)
-        d_skip = D[ch] if has_D else zero
-        gate_c = gate[c] if has_z else gate[0]
-        x[:] = 0
-        t = 0
-        while t < l:
-            w = dt_c[t] * u_c[t]
-            a_t, b_t, c_t = a_c[t], B_c[t * b_step], C_c[t * c_step]
-            acc = zero
-            m = 0
-            while m < n:
-                xm = a_t[m] * x[m] + w * b_t[m]
-                x[m] = xm
-                acc += xm * c_t[m]
-                m += 1
+    l, n = u.shape[1], At.shape[0]
+    x = np.empty((n, kmax), dtype=u.dtype)  # the block's states
+    y = np.empty(kmax, dtype=u.dtype)
+    w = np.empty(kmax, dtype=u.dtype)  # dt_t u_t
+    lo, hi = _bounds(p, parts, items.shape[0])
+    for item in range(lo, hi):
+        i, c0, c1 = items[item, 0], items[item, 1], items[item, 2]
+        k = c1 - c0
+        B_i, C_i = Bk[i * b_batch + c0 // b_group], Ck[i * c_batch + c0 // c_group]  # (T n)
+        x[:, :k] = 0
+        for t in range(l):
+            u_t, dt_t, b_t, c_t = u[i, t, c0:c1], dt[i, t, c0:c1], B_i[t * b_step], C_i[t * c_step]
+            for c in range(k):
+                w[c] = dt_t[c] * u_t[c]
+                y[c] = 0
+            for m in range(n):
+                bm, cm, x_m, A_m = b_t[m], c_t[m], x[m], At[m, c0:c1]
+                for c in range(k):
+                    v = _exp(dt_t[c] * A_m[c]) * x_m[c] + w[c] * bm
+                    x_m[c] = v
+                    y[c] += v * cm
+            out_t = out[i, t, c0:c1]
             if has_D:
-                acc += d_skip * u_c[t]
+                for c in range(k):
+                    y[c] += D[c0 + c] * u_t[c]
             if has_z:
-                acc *= gate_c[t]
-            out_c[t] = acc
-            t += 1
-        last[c, :] = x
-        j += 1
+                gate_t = gate[i, t, c0:c1]
+                for c in range(k):
+                    out_t[c] = y[c] * gate_t[c]
+            else:
+                out_t[:] = y[:k]
+        for m in range(n):
+            for c in range(k):
+                last[i, c0 + c, m] = x[m, c]
 
 
 @_njit(fastmath=_FLAGS, cache=True, nogil=True)
-def _backward_part(p, parts, u, dt, decay, c0, e, A, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
-                   D, gate, dgate, has_D, has_z, dout, dlast,
-                   du, ddt, dA, dB, dC, dD, dz):  # pragma: no cover - compiled
-    k, l, n = decay.shape
-    j, j1 = _bounds(p, parts, k)
-    xs = np.zeros((l + 1, n), dtype=u.dtype)  # xs[t + 1] = x_t; xs[0] = x_{-1} = 0
-    gs = np.empty((l, n), dtype=u.dtype)  # gs[t] = dL/dx_t
-    dy_c = np.empty(l, dtype=u.dtype)  # dL/dy_t, y the scan's output before skip and gate
-    zero = xs[0, 0]
+def _recompute(i, c0, c1, u, dt, At, B_i, b_step, C_i, c_step, x, w, xs, decay, ys):  # pragma: no cover
+    """One block's states xs (l+1 n k), decays (l n k) and y (l k), from a zero state."""
+    l, n = u.shape[1], At.shape[0]
+    k = c1 - c0
+    x[:, :k] = 0
+    xs[0, :, :k] = 0
+    for t in range(l):
+        u_t, dt_t, b_t, c_t, y_t = u[i, t, c0:c1], dt[i, t, c0:c1], B_i[t * b_step], C_i[t * c_step], ys[t]
+        for c in range(k):
+            w[c] = dt_t[c] * u_t[c]
+            y_t[c] = 0
+        for m in range(n):
+            bm, cm, x_m, xs_m, a_m, A_m = b_t[m], c_t[m], x[m], xs[t + 1, m], decay[t, m], At[m, c0:c1]
+            for c in range(k):
+                a = _exp(dt_t[c] * A_m[c])
+                a_m[c] = a
+                v = a * x_m[c] + w[c] * bm
+                x_m[c] = v
+                xs_m[c] = v
+                y_t[c] += v * cm
+
+
+@_njit(fastmath=_FLAGS, cache=True, nogil=True)
+def _backward_part(p, parts, items, kmax, u, dt, At, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
+                   D, gate, dgate, has_D, has_z, dout, dlast, want_out,
+                   du, ddt, dA, dB, dC, dD, dz, out):  # pragma: no cover - compiled
+    l, n = u.shape[1], At.shape[0]
+    dtype = u.dtype
+    xs = np.empty((l + 1, n, kmax), dtype=dtype)  # xs[t + 1] = x_t; xs[0] = x_{-1} = 0
+    decay = np.empty((l, n, kmax), dtype=dtype)
+    ys = np.empty((l, kmax), dtype=dtype)  # y_t, then dL/dy_t (y the scan's output before skip and gate)
+    x = np.empty((n, kmax), dtype=dtype)
+    g = np.empty((n, kmax), dtype=dtype)  # the adjoint, then a_t g_t: what reaches x_{t-1}
+    dA_k = np.empty((n, kmax), dtype=dtype)
+    w = np.empty(kmax, dtype=dtype)
+    gB = np.empty(kmax, dtype=dtype)  # <g_t, B_t>
+    dlogA = np.empty(kmax, dtype=dtype)  # sum_m dL/d(dt_t A_m) A_m
     dA_p, dB_p, dC_p, dD_p = dA[p], dB[p], dC[p], dD[p]  # this thread's partial sums
-    while j < j1:
-        c = c0 + j
-        i = c // e
-        ch = c - i * e
-        rb, rc = i * b_batch + ch // b_group, i * c_batch + ch // c_group
-        a_c, u_c, dt_c, dout_c = decay[j], u[c], dt[c], dout[c]  # (l n), (l) ...
-        du_c, ddt_c = du[c], ddt[c]
-        B_c, C_c, dB_c, dC_c = Bk[rb], Ck[rc], dB_p[rb], dC_p[rc]  # (T n)
-        gate_c, dgate_c, dz_c = (gate[c], dgate[c], dz[c]) if has_z else (gate[0], gate[0], gate[0])
-        t = 0
-        while t < l:  # recompute the states
-            w = dt_c[t] * u_c[t]
-            a_t, b_t, x_prev, x_t = a_c[t], B_c[t * b_step], xs[t], xs[t + 1]
-            m = 0
-            while m < n:
-                x_t[m] = a_t[m] * x_prev[m] + w * b_t[m]
-                m += 1
-            t += 1
-        d_skip = D[ch] if has_D else zero
-        dD_c = zero
-        t = 0
-        while t < l:  # through the gate and the skip: dL/dy_t, dL/dz_t, dL/dD
-            if has_z:
-                x_t, c_t = xs[t + 1], C_c[t * c_step]
-                y = zero
-                m = 0
-                while m < n:
-                    y += x_t[m] * c_t[m]
-                    m += 1
-                if has_D:
-                    y += d_skip * u_c[t]
-                dz_c[t] = dout_c[t] * y * dgate_c[t]
-                dy_c[t] = dout_c[t] * gate_c[t]
+    zero = np.zeros(1, dtype=dtype)[0]
+    lo, hi = _bounds(p, parts, items.shape[0])
+    for item in range(lo, hi):
+        i, c0, c1 = items[item, 0], items[item, 1], items[item, 2]
+        k = c1 - c0
+        rb, rc = i * b_batch + c0 // b_group, i * c_batch + c0 // c_group
+        B_i, C_i, dB_i, dC_i = Bk[rb], Ck[rc], dB_p[rb], dC_p[rc]  # (T n)
+        _recompute(i, c0, c1, u, dt, At, B_i, b_step, C_i, c_step, x, w, xs, decay, ys)
+        for t in range(l):  # through the skip and the gate: dL/dy_t, dL/dz_t, dL/dD, the output
+            u_t, dout_t, y_t = u[i, t, c0:c1], dout[i, t, c0:c1], ys[t]
+            if has_D:
+                for c in range(k):
+                    w[c] = y_t[c] + D[c0 + c] * u_t[c]
             else:
-                dy_c[t] = dout_c[t]
-            dD_c += dy_c[t] * u_c[t]
-            t += 1
-        if has_D:
-            dD_p[ch] += dD_c
-        g_t, c_t, dlast_c = gs[l - 1], C_c[(l - 1) * c_step], dlast[c]
-        m = 0
-        while m < n:
-            g_t[m] = dlast_c[m] + dy_c[l - 1] * c_t[m]
-            m += 1
-        t = l - 2
-        while t >= 0:  # the adjoint, backwards
-            g_next, a_next, g_t, c_t = gs[t + 1], a_c[t + 1], gs[t], C_c[t * c_step]
-            dy_t = dy_c[t]
-            m = 0
-            while m < n:
-                g_t[m] = a_next[m] * g_next[m] + dy_t * c_t[m]
-                m += 1
-            t -= 1
-        dA_c, A_c = dA_p[ch], A[ch]
-        t = 0
-        while t < l:  # every gradient from the adjoint, token by token
-            g_t, a_t, x_prev, x_t = gs[t], a_c[t], xs[t], xs[t + 1]
-            b_t, db_t, dc_t = B_c[t * b_step], dB_c[t * b_step], dC_c[t * c_step]
-            dt_t, u_t, dy_t = dt_c[t], u_c[t], dy_c[t]
-            w = dt_t * u_t
-            # two short loops: as one loop, or as three, this section ran 3x slower
-            # (measured; the compiler's vectorisation and alias checks are fickle here)
-            gB = zero
-            m = 0
-            while m < n:
-                gB += g_t[m] * b_t[m]
-                db_t[m] += g_t[m] * w
-                dc_t[m] += dy_t * x_t[m]
-                m += 1
-            dlogA = zero
-            m = 0
-            while m < n:
-                dlog = g_t[m] * a_t[m] * x_prev[m]  # dL/d(dt_t A_m)
-                dlogA += dlog * A_c[m]
-                dA_c[m] += dlog * dt_t
-                m += 1
-            du_c[t] = gB * dt_t + dy_t * d_skip if has_D else gB * dt_t
-            ddt_c[t] = dlogA + gB * u_t
-            t += 1
-        j += 1
+                w[:k] = y_t[:k]
+            if has_z:
+                gate_t, dgate_t, dz_t = gate[i, t, c0:c1], dgate[i, t, c0:c1], dz[i, t, c0:c1]
+                for c in range(k):
+                    dz_t[c] = dout_t[c] * w[c] * dgate_t[c]
+                    y_t[c] = dout_t[c] * gate_t[c]
+                if want_out:
+                    out_t = out[i, t, c0:c1]
+                    for c in range(k):
+                        out_t[c] = w[c] * gate_t[c]
+            else:
+                y_t[:k] = dout_t
+                if want_out:
+                    out[i, t, c0:c1] = w[:k]
+            if has_D:
+                for c in range(k):
+                    dD_p[c0 + c] += y_t[c] * u_t[c]
+        for m in range(n):
+            for c in range(k):
+                g[m, c] = dlast[i, c0 + c, m]
+        dA_k[:, :k] = 0
+        for t in range(l - 1, -1, -1):  # the adjoint, backwards, and every gradient from it
+            u_t, dt_t, dy_t, b_t, c_t = u[i, t, c0:c1], dt[i, t, c0:c1], ys[t], B_i[t * b_step], C_i[t * c_step]
+            for c in range(k):
+                w[c] = dt_t[c] * u_t[c]
+                gB[c] = 0
+                dlogA[c] = 0
+            for m in range(n):
+                bm, cm = b_t[m], c_t[m]
+                g_m, x_prev, x_m, a_m, A_m, dA_m = g[m], xs[t, m], xs[t + 1, m], decay[t, m], At[m, c0:c1], dA_k[m]
+                db, dc = zero, zero
+                for c in range(k):
+                    g_c = g_m[c] + dy_t[c] * cm  # dL/dx_t
+                    gB[c] += g_c * bm
+                    db += g_c * w[c]
+                    dc += dy_t[c] * x_m[c]
+                    carry = a_m[c] * g_c
+                    dlog = carry * x_prev[c]  # dL/d(dt_t A_m)
+                    dlogA[c] += dlog * A_m[c]
+                    dA_m[c] += dlog * dt_t[c]
+                    g_m[c] = carry
+                dB_i[t * b_step, m] += db
+                dC_i[t * c_step, m] += dc
+            du_t, ddt_t = du[i, t, c0:c1], ddt[i, t, c0:c1]
+            for c in range(k):
+                du_t[c] = gB[c] * dt_t[c]
+                ddt_t[c] = dlogA[c] + gB[c] * u_t[c]
+            if has_D:
+                for c in range(k):
+                    du_t[c] += dy_t[c] * D[c0 + c]
+        for m in range(n):
+            dA_pm = dA_p[m, c0:c1]
+            for c in range(k):
+                dA_pm[c] += dA_k[m, c]
 
 
 @_njit(parallel=True, cache=True, nogil=True)
@@ -239,12 +349,12 @@ def _launch(part, kernel, parts: int, *args) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# B and C as rows
+# B and C as rows, work items
 # ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Rows:
+class Rows:
     """B or C as (rows, T, n) with the indexing of the module docstring."""
 
     t: Tensor
@@ -253,14 +363,20 @@ class _Rows:
     step: int
 
     @staticmethod
-    def of(X: Tensor, b: int, e: int) -> _Rows:
+    def of(X: Tensor, b: int, e: int) -> Rows:
+        """From the scan's layouts: constant (e n), variable (b n l) or grouped (b g n l)."""
         if X.dim() == 2:  # (e n)
-            return _Rows(X.contiguous().unsqueeze(1), batch=0, group=1, step=0)
+            return Rows(X.contiguous().unsqueeze(1), batch=0, group=1, step=0)
         if X.dim() == 3:
             X = X.unsqueeze(1)  # (b 1 n l)
         g = X.shape[1]
         rows = X.transpose(-1, -2).reshape(b * g, X.shape[-1], X.shape[-2]).contiguous()  # (bg l n)
-        return _Rows(rows, batch=g, group=e // g, step=1)
+        return Rows(rows, batch=g, group=e // g, step=1)
+
+    @staticmethod
+    def time_major(X: Tensor, e: int) -> Rows:
+        """From variable B or C already time-major, (b l n)."""
+        return Rows(X.contiguous(), batch=1, group=e, step=1)
 
     def args(self) -> tuple:
         return _np(self.t), self.batch, self.group, self.step
@@ -273,22 +389,22 @@ class _Rows:
         return grad.view(b, -1, l, n).transpose(-1, -2).reshape(like.shape)  # (b [g] n l)
 
 
-def _parts(k: int) -> int:
-    """Threads for a block of k channels: torch's thread count, at most numba's."""
-    return max(1, min(k, torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+def _parts(items: int) -> int:
+    """Threads for ``items`` work items: torch's thread count, at most numba's."""
+    return max(1, min(items, torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
-def _blocks(r: int, l: int, n: int):
-    """Channel blocks [c0, c1) whose decays (k l n) fit in ``_BLOCK_ELEMS``."""
-    k = max(1, _BLOCK_ELEMS // (l * n))
-    return [(c0, min(c0 + k, r)) for c0 in range(0, r, k)]
+def _items(b: int, e: int, l: int, n: int, Br: Rows, Cr: Rows) -> tuple[np.ndarray, int]:
+    """Work items (sequence, first channel, end channel) (items 3), and the widest block.
 
-
-def _decays(dt2: Tensor, A_rows: Tensor, c0: int, c1: int, out: Tensor) -> Tensor:
-    """exp(dt A) for channels [c0, c1): (k l n), written into ``out``'s first k rows."""
-    block = out[: c1 - c0]
-    torch.mul(dt2[c0:c1, :, None], A_rows[c0:c1, None, :], out=block)
-    return block.exp_()
+    Blocks hold at most ``_BLOCK_ELEMS // (l n)`` channels and stay inside the runs of
+    channels that share one row of B and one of C (length gcd of the two groups)."""
+    run = math.gcd(Br.group, Cr.group)
+    k = max(1, min(_MAX_BLOCK, _BLOCK_ELEMS // (l * n), run))
+    pieces = -(-run // k)
+    bounds = [(s + j * run // pieces, s + (j + 1) * run // pieces) for s in range(0, e, run) for j in range(pieces)]
+    items = np.array([(i, c0, c1) for i in range(b) for c0, c1 in bounds], dtype=np.int64)
+    return items, max(c1 - c0 for c0, c1 in bounds)
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -296,15 +412,95 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def _flat(t: Tensor, r: int, l: int) -> Tensor:
-    return t.reshape(r, l).contiguous()
+def _blank(dtype: torch.dtype) -> Tensor:
+    """A stand-in for an absent (b l e) tensor."""
+    return torch.zeros(1, 1, 1, dtype=dtype)
+
+
+def _skip(D: Tensor | None, dtype: torch.dtype) -> Tensor:
+    # a copy: D is a parameter, and a numpy view of its memory would make that storage
+    # unresizable, which breaks FSDP2 (it frees each unsharded parameter after the forward)
+    return D.to(dtype, copy=True) if D is not None else torch.zeros(1, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The kernels on (b l e) tensors
+# ---------------------------------------------------------------------------------------
+
+
+def scan_forward(u: Tensor, dt: Tensor, A: Tensor, Br: Rows, Cr: Rows, D: Tensor | None,
+                 gate: Tensor | None) -> tuple[Tensor, Tensor]:
+    """out = (y + D u) * gate (b l e) and the last state (b e n), from contiguous u, dt and
+    gate = silu(z) (b l e), A (e n), B and C as ``Rows``, all in one compute dtype."""
+    (b, l, e), n = u.shape, A.shape[1]
+    items, kmax = _items(b, e, l, n, Br, Cr)
+    out, last = u.new_empty(b, l, e), u.new_empty(b, e, n)
+    _launch(_forward_part, _forward_kernel, _parts(len(items)), items, kmax, _np(u), _np(dt),
+            _np(A.t().contiguous()), *Br.args(), *Cr.args(), _np(_skip(D, u.dtype)),
+            _np(gate if gate is not None else _blank(u.dtype)), D is not None, gate is not None, _np(out), _np(last))
+    return out, last
+
+
+@dataclass
+class ScanGrads:
+    """``scan_backward``'s results: gradients of u, dt, A, B and C (as ``Rows``), D and the
+    gate's input z (through ``dgate``), and the recomputed output if asked for."""
+
+    du: Tensor  # (b l e)
+    ddt: Tensor  # (b l e)
+    dA: Tensor  # (e n)
+    dB: Tensor  # like Br.t
+    dC: Tensor  # like Cr.t
+    dD: Tensor | None  # (e)
+    dz: Tensor | None  # (b l e)
+    out: Tensor | None  # (b l e)
+
+
+def scan_backward(u: Tensor, dt: Tensor, A: Tensor, Br: Rows, Cr: Rows, D: Tensor | None, gate: Tensor | None,
+                  dgate: Tensor | None, dout: Tensor, dlast: Tensor | None, want_out: bool = False) -> ScanGrads:
+    """Gradients of ``scan_forward`` for the upstream ``dout`` (b l e) and ``dlast`` (b e n);
+    ``dgate`` (b l e) is d gate / dz, so ``dz`` = dL/dgate * dgate. With ``want_out`` the
+    output ``scan_forward`` returned is recomputed on the way (``out``)."""
+    (b, l, e), n = u.shape, A.shape[1]
+    items, kmax = _items(b, e, l, n, Br, Cr)
+    parts = _parts(len(items))
+    # per-thread partial sums: items of different threads share rows of A, B, C, D
+    dA_p, dD_p = u.new_zeros(parts, n, e), u.new_zeros(parts, e)
+    dB_p, dC_p = u.new_zeros(parts, *Br.t.shape), u.new_zeros(parts, *Cr.t.shape)
+    du, ddt = u.new_empty(b, l, e), u.new_empty(b, l, e)
+    dz = u.new_empty(b, l, e) if gate is not None else _blank(u.dtype)
+    out = u.new_empty(b, l, e) if want_out else _blank(u.dtype)
+    dlast = dlast.contiguous() if dlast is not None else u.new_zeros(b, e, n)
+    blank = _blank(u.dtype)
+    _launch(_backward_part, _backward_kernel, parts, items, kmax, _np(u), _np(dt), _np(A.t().contiguous()),
+            *Br.args(), *Cr.args(), _np(_skip(D, u.dtype)), _np(gate if gate is not None else blank),
+            _np(dgate if dgate is not None else blank), D is not None, gate is not None, _np(dout.contiguous()),
+            _np(dlast), want_out, _np(du), _np(ddt), _np(dA_p), _np(dB_p), _np(dC_p), _np(dD_p), _np(dz), _np(out))
+    return ScanGrads(du, ddt, dA_p.sum(0).t(), dB_p.sum(0), dC_p.sum(0), dD_p.sum(0) if D is not None else None,
+                     dz if gate is not None else None, out if want_out else None)
+
+
+def silu_and_grad(z: Tensor) -> tuple[Tensor, Tensor]:
+    """silu(z) and its derivative s (1 + z (1 - s)), s = sigmoid(z)."""
+    s = torch.sigmoid(z)
+    return z * s, s * (1 + z * (1 - s))
+
+
+# ---------------------------------------------------------------------------------------
+# The selective scan's interface ((b e l), as mamba-ssm's)
+# ---------------------------------------------------------------------------------------
+
+
+def _ble(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """(b e l) -> contiguous (b l e) in ``dtype``: free when t is a transposed (b l e)."""
+    return t.to(dtype).transpose(1, 2).contiguous()
 
 
 def _dt(delta: Tensor, delta_bias: Tensor | None, softplus: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(delta + bias, its softplus or itself): the second is dt, the first softplus' input."""
-    pre = delta.to(dtype)
+    """(delta + bias, its softplus or itself) (b l e): the second is dt, the first softplus' input."""
+    pre = _ble(delta, dtype)
     if delta_bias is not None:
-        pre = pre + delta_bias.to(dtype)[:, None]
+        pre = pre + delta_bias.to(dtype)
     return pre, F.softplus(pre) if softplus else pre
 
 
@@ -320,84 +516,37 @@ class _NumbaScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool):  # type: ignore[override]
         dtype = torch.promote_types(u.dtype, torch.float32)
-        (b, e, l), n = u.shape, A.shape[1]
-        r = b * e
-        u2 = _flat(u.to(dtype), r, l)  # (r l)
-        dt2 = _flat(_dt(delta, delta_bias, softplus, dtype)[1], r, l)
-        A_rows = A.to(dtype).repeat(b, 1)  # (r n)
-        Br, Cr = _Rows.of(B.to(dtype), b, e), _Rows.of(C.to(dtype), b, e)
-        D_, gate = _skip_and_gate_inputs(D, z, r, l, dtype)
-        out, last = u2.new_empty(r, l), u2.new_empty(r, n)
-        blocks = _blocks(r, l, n)
-        buf = u2.new_empty(blocks[0][1], l, n)
-        for c0, c1 in blocks:
-            decay = _decays(dt2, A_rows, c0, c1, buf)
-            _launch(_forward_part, _forward_kernel, _parts(c1 - c0),
-                    _np(u2), _np(dt2), _np(decay), c0, e, *Br.args(), *Cr.args(),
-                    _np(D_), _np(gate), D is not None, z is not None, _np(out), _np(last))
+        b, e, _ = u.shape
+        gate = F.silu(_ble(z, dtype)) if z is not None else None
+        out, last = scan_forward(_ble(u, dtype), _dt(delta, delta_bias, softplus, dtype)[1], A.to(dtype),
+                                 Rows.of(B.to(dtype), b, e), Rows.of(C.to(dtype), b, e), D, gate)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.softplus = softplus
-        return out.view(b, e, l).to(u.dtype), last.view(b, e, n)
+        return out.transpose(1, 2).to(u.dtype), last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor, dlast: Tensor):  # type: ignore[override]
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         dtype = torch.promote_types(u.dtype, torch.float32)
-        (b, e, l), n = u.shape, A.shape[1]
-        r = b * e
-        u2 = _flat(u.to(dtype), r, l)
+        b, e, _ = u.shape
         pre, dt = _dt(delta, delta_bias, ctx.softplus, dtype)
-        dt2 = _flat(dt, r, l)
-        A32 = A.to(dtype).contiguous()
-        A_rows = A32.repeat(b, 1)
-        Br, Cr = _Rows.of(B.to(dtype), b, e), _Rows.of(C.to(dtype), b, e)
-        D_, gate = _skip_and_gate_inputs(D, z, r, l, dtype)
-        dgate = gate
-        if z is not None:  # d silu(z) / dz = s (1 + z (1 - s)), s = sigmoid(z)
-            z2 = _flat(z.to(dtype), r, l)
-            sig = torch.sigmoid(z2)
-            dgate = sig * (1 + z2 * (1 - sig))
-        dout2 = _flat(dout.to(dtype), r, l)
-        dlast2 = dlast.to(dtype).reshape(r, n).contiguous()
-        du, ddt = torch.empty_like(u2), torch.empty_like(u2)
-        dz = torch.empty_like(u2) if z is not None else gate
-        blocks = _blocks(r, l, n)
-        parts = max(_parts(c1 - c0) for c0, c1 in blocks)
-        # per-thread partial sums: channels of different threads share rows of A, B, C, D
-        dA_p, dD_p = u2.new_zeros(parts, e, n), u2.new_zeros(parts, e)
-        dB_p, dC_p = u2.new_zeros(parts, *Br.t.shape), u2.new_zeros(parts, *Cr.t.shape)
-        buf = u2.new_empty(blocks[0][1], l, n)
-        for c0, c1 in blocks:
-            decay = _decays(dt2, A_rows, c0, c1, buf)
-            _launch(_backward_part, _backward_kernel, _parts(c1 - c0),
-                    _np(u2), _np(dt2), _np(decay), c0, e, _np(A32), *Br.args(), *Cr.args(),
-                    _np(D_), _np(gate), _np(dgate), D is not None, z is not None,
-                    _np(dout2), _np(dlast2), _np(du), _np(ddt), _np(dA_p), _np(dB_p), _np(dC_p),
-                    _np(dD_p), _np(dz))
-        ddelta = ddt.view(b, e, l)
-        if ctx.softplus:
-            ddelta = ddelta * torch.sigmoid(pre)  # d softplus(x) / dx = sigmoid(x)
+        gate, dgate = silu_and_grad(_ble(z, dtype)) if z is not None else (None, None)
+        Br, Cr = Rows.of(B.to(dtype), b, e), Rows.of(C.to(dtype), b, e)
+        grads = scan_backward(_ble(u, dtype), dt, A.to(dtype), Br, Cr, D, gate, dgate, _ble(dout, dtype),
+                              dlast.to(dtype))
+        ddelta = grads.ddt * torch.sigmoid(pre) if ctx.softplus else grads.ddt  # d softplus(x)/dx = sigmoid(x)
         return (
-            du.view(b, e, l).to(u.dtype),
-            ddelta.to(delta.dtype),
-            dA_p.sum(0).to(A.dtype),
-            Br.grad_like(dB_p.sum(0), B).to(B.dtype),
-            Cr.grad_like(dC_p.sum(0), C).to(C.dtype),
-            None if D is None else dD_p.sum(0).to(D.dtype),
-            None if z is None else dz.view(b, e, l).to(z.dtype),
-            None if delta_bias is None else ddelta.sum((0, 2)).to(delta_bias.dtype),
+            grads.du.transpose(1, 2).to(u.dtype),
+            ddelta.transpose(1, 2).to(delta.dtype),
+            grads.dA.to(A.dtype),
+            Br.grad_like(grads.dB, B).to(B.dtype),
+            Cr.grad_like(grads.dC, C).to(C.dtype),
+            None if D is None else grads.dD.to(D.dtype),
+            None if z is None else grads.dz.transpose(1, 2).to(z.dtype),
+            None if delta_bias is None else ddelta.sum((0, 1)).to(delta_bias.dtype),
             None,
         )
-
-
-def _skip_and_gate_inputs(D: Tensor | None, z: Tensor | None, r: int, l: int, dtype) -> tuple[Tensor, Tensor]:
-    """D (e) and silu(z) (r l) for the kernels; one-element stand-ins where absent."""
-    # a copy: D is a parameter, and a numpy view of its memory would make that storage
-    # unresizable, which breaks FSDP2 (it frees each unsharded parameter after the forward)
-    D_ = D.to(dtype, copy=True) if D is not None else torch.zeros(1, dtype=dtype)
-    gate = _flat(F.silu(z.to(dtype)), r, l) if z is not None else torch.zeros(1, 1, dtype=dtype)
-    return D_, gate
 
 
 def numba_selective_scan(

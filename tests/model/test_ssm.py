@@ -12,6 +12,7 @@ import typing
 from collections.abc import Callable
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 
@@ -559,3 +560,54 @@ def test_cuda_kernel_matches_reference(exact_fp32_cuda, l, kind, dtype):
     assert_close(last, ref_last, dtype=dtype, scale=scale, msg="last state")
     kernel = partial(selective_scan, impl="cuda")
     assert_matches_reference(kernel, inputs, scale=scale, **flags)
+
+
+# ---------------------------------------------------------------------------------------
+# The numba kernels' own exponential, and non-finite inputs
+# ---------------------------------------------------------------------------------------
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype,lo,hi,ulps", [(np.float32, -87.3, 88.3, 1), (np.float64, -700.0, 700.0, 1)])
+def test_numba_kernels_exp_is_within_an_ulp_of_the_true_exp(dtype, lo, hi, ulps):
+    import numba
+
+    exp = numba.njit(lambda xs: np.array([numba_scan._exp(x) for x in xs]))
+    xs = np.concatenate([np.linspace(lo, hi, 200_001), np.linspace(-1, 1, 20_001), [0.0]]).astype(dtype)
+    got = exp(xs)
+    want = np.exp(xs.astype(np.float64)).astype(dtype)  # the true exp, rounded once to dtype
+    assert got.dtype == dtype
+    ulp = np.spacing(want)
+    assert (np.abs(got.astype(np.float64) - want) <= ulps * ulp).all(), (
+        f"worst at x = {xs[np.argmax(np.abs(got - want) / ulp)]}")
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_kernels_exp_keeps_non_finite_and_limits(dtype):
+    import numba
+
+    exp = numba.njit(lambda xs: np.array([numba_scan._exp(x) for x in xs]))
+    got = exp(np.array([np.nan, -np.inf, np.inf, -1e4, 1e4], dtype=dtype))
+    assert np.isnan(got[0])
+    assert got[1] == 0 and got[3] == 0
+    assert got[2] == np.inf and got[4] == np.inf
+
+
+@needs_numba
+@pytest.mark.parametrize("where", ["u", "delta", "B", "C", "z"])
+def test_numba_scan_keeps_a_nan_input_visible_in_output_and_gradients(where):
+    """The kernels compile with reassociation but not fastmath's no-NaN assumption: a NaN
+    that enters the scan leaves it, in the output and in every gradient the reference's
+    autograd makes NaN, for the guard to see."""
+    inputs = make_inputs(1, 4, 3, 6, "variable", "variable")
+    with torch.no_grad():
+        inputs[where].view(-1)[2] = float("nan")
+    leaves = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    results = {}
+    for name, fn in [("ref", selective_scan_ref), ("numba", selective_scan_numba)]:
+        out = fn(**inputs)
+        grads = torch.autograd.grad(out.sum(), [inputs[k] for k in leaves])
+        results[name] = [out.isnan().any().item()] + [g.isnan().any().item() for g in grads]
+    assert results["ref"][0], "the reference hides the NaN: the test's premise is wrong"
+    assert results["numba"] == results["ref"], f"NaN in (out, {', '.join('d' + k for k in leaves)})"
