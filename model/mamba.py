@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
-from model.ssm import SCAN_IMPLS, ScanImpl, selective_scan
+from model.mamba_fused import mamba_inner
+from model.ssm import SCAN_IMPLS, ScanImpl, resolve_scan_impl, selective_scan
 
 
 class Mamba(nn.Module):
@@ -91,8 +92,22 @@ class Mamba(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         """(b l d) -> (b l d); position t reads positions <= t only."""
-        l = hidden.shape[1]
-        xz = self.in_proj(hidden).transpose(1, 2)  # (b 2e l)
+        xz = self.in_proj(hidden)  # (b l 2e)
+        if resolve_scan_impl(xz, self.scan_impl) == "numba":
+            return self.out_proj(self._fused(xz))
+        return self.out_proj(self._unfused(xz))
+
+    def _fused(self, xz: Tensor) -> Tensor:
+        """(b l 2e) -> (b l e) in one autograd Function that keeps only xz and the weights
+        (``model.mamba_fused``): the CPU path, where the scan is the numba kernel."""
+        conv = self.conv1d
+        return mamba_inner(xz, conv.weight, conv.bias, self.x_proj.weight, self.dt_proj.weight,
+                           self.dt_proj.bias, self.A_log, self.D)
+
+    def _unfused(self, xz: Tensor) -> Tensor:
+        """(b l 2e) -> (b l e) op by op, as mamba-ssm's reference path; any scan."""
+        l = xz.shape[1]
+        xz = xz.transpose(1, 2)  # (b 2e l)
         x, z = xz.chunk(2, dim=1)  # (b e l) each
         x = F.silu(self.conv1d(x)[..., :l])  # causal: drop the outputs that read the right pad
         x_dbl = self.x_proj(x.transpose(1, 2))  # (b l r+2n)
@@ -109,4 +124,4 @@ class Mamba(nn.Module):
             delta_softplus=True,
             impl=self.scan_impl,
         )  # (b e l)
-        return self.out_proj(y.transpose(1, 2))  # (b l d)
+        return y.transpose(1, 2)  # (b l e)
