@@ -120,13 +120,15 @@ def test_bf16_autocast_returns_bf16_tracking_the_unfused_path():
         assert_close(grad, grads_ref[name], dtype=torch.bfloat16, scale=GRAD_SCALE, msg=f"d{name}")
 
 
-def test_no_grad_forward_matches_and_keeps_no_graph():
+def test_no_grad_runs_the_unfused_path_bit_for_bit_as_generates_prefill_does():
     m = make_mamba()
     x = torch.randn(2, 11, 16)
     with torch.no_grad():
         y, y_ref = m(x), unfused(m, x)
-    assert y.grad_fn is None
-    assert_close(y, y_ref)
+        y_fused = m.out_proj(m._fused(m.in_proj(x)))
+    assert y.grad_fn is None and y_fused.grad_fn is None
+    assert torch.equal(y, y_ref)
+    assert_close(y_fused, y_ref, msg="fused forward without autograd")
 
 
 @pytest.mark.parametrize("scan_impl", ["auto", "numba"])
@@ -143,3 +145,14 @@ def test_other_scan_impls_keep_the_unfused_path(scan_impl):
     names = graph_names(m(torch.randn(2, 5, 16)))
     assert FUSED not in names
     assert "ConvolutionBackward0" in names
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_thread_and_numbas_parallel_launch_give_the_same_result(threads):
+    m = make_mamba(expand=16)  # e = 256: two blocks of channels a sequence, four work items
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches_unfused(m, torch.randn(2, 17, 16))
+    finally:
+        torch.set_num_threads(old)
