@@ -94,18 +94,18 @@ class Mamba(nn.Module):
         """(b l d) -> (b l d); position t reads positions <= t only."""
         xz = self.in_proj(hidden)  # (b l 2e)
         if torch.is_grad_enabled() and resolve_scan_impl(xz, self.scan_impl) == "numba":
-            return self.out_proj(self._fused(xz))
+            return self._fused(xz)
         return self.out_proj(self._unfused(xz))
 
     def _fused(self, xz: Tensor) -> Tensor:
-        """(b l 2e) -> (b l e) in one autograd Function that keeps only xz and the weights
-        (``model.mamba_fused``): the CPU path, where the scan is the numba kernel, under
-        autograd. Without autograd nothing is saved, and the op-by-op path is what
+        """(b l 2e) -> (b l d), out_proj included, in one autograd Function that keeps only
+        xz and the weights (``model.mamba_fused``): the CPU path, where the scan is the
+        numba kernel, under autograd. Without autograd nothing is saved, and the op-by-op path is what
         ``model.generate``'s prefill runs, so its logits equal the forward's bit for bit
         (the fused forward alone would be about 1.2x faster there)."""
         conv = self.conv1d
         return mamba_inner(xz, conv.weight, conv.bias, self.x_proj.weight, self.dt_proj.weight,
-                           self.dt_proj.bias, self.A_log, self.D)
+                           self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight, self.out_proj.bias)
 
     def _unfused(self, xz: Tensor) -> Tensor:
         """(b l 2e) -> (b l e) op by op, as mamba-ssm's reference path; any scan."""

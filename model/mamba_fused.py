@@ -1,12 +1,14 @@
-"""The Mamba mixer between in_proj and out_proj as one autograd Function on the CPU, as
-mamba-ssm's ``mamba_inner_fn``: causal depthwise conv -> silu -> x_proj -> dt_proj ->
-selective scan gated by silu(z), all on the (b l e) layout in_proj produces and the numba
+"""The Mamba mixer after in_proj as one autograd Function on the CPU, as mamba-ssm's
+``mamba_inner_fn``: causal depthwise conv -> silu -> x_proj -> dt_proj -> selective scan
+gated by silu(z) -> out_proj, all on the (b l e) layout in_proj produces and the numba
 kernels (``model.numba_scan.scan_forward``/``scan_backward``) run on.
 
 The forward keeps only its inputs (in_proj's output xz and the weights). The backward
 recomputes the conv, its silu, x_dbl and dt (one compiled pass and two small matmuls),
-runs ``scan_backward`` and back-propagates through dt_proj, x_proj, the silu and the conv
-by hand. Autograd through the unfused module keeps each of those (b l e) intermediates of
+runs ``scan_backward``, which recomputes the scan's output on the way for out_proj's
+weight gradient, and back-propagates through dt_proj, x_proj, the silu and the conv by
+hand. With out_proj outside, autograd would keep its (b l e) input, the scan's output, for
+every layer until the backward (8 MB of the phase-3 step's peak). Autograd through the unfused module keeps each of those (b l e) intermediates of
 every layer until the backward, pays mkldnn's slow depthwise conv backward and silu's
 backward on transposed tensors, and copies between (b e l) and (b l e) on the way.
 
@@ -19,6 +21,7 @@ The reference is ``Mamba``'s unfused path (``Mamba.forward`` with any other scan
 Shape letters:
     b  batch
     l  sequence length
+    d  model width (d_model), out_proj's outputs
     e  inner width (d_inner)
     n  state size (d_state)
     r  rank of the delta projection (dt_rank)
@@ -234,37 +237,47 @@ def _inner(xz: Tensor, w: _Weights, with_grad: bool = False) -> _Inner:
 
 class _MambaInner(torch.autograd.Function):
     """(xz (b l 2e), conv1d.weight (e 1 k), conv1d.bias (e) | None, x_proj.weight (R e),
-    dt_proj.weight (e r), dt_proj.bias (e), A_log (e n), D (e)) -> out (b l e) in xz's
-    dtype. Computes in fp32 (fp64 stays fp64) with autocast off, as the numba scan does."""
+    dt_proj.weight (e r), dt_proj.bias (e), A_log (e n), D (e), out_proj.weight (d e),
+    out_proj.bias (d) | None) -> out (b l d) in xz's dtype. Computes in fp32 (fp64 stays
+    fp64) with autocast off, as the numba scan does, out_proj included: under bf16 autocast
+    its matmul is fp32 where the unfused path's is bf16 (closer to the exact value)."""
 
     @staticmethod
-    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, A_log, D):  # type: ignore[override]
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, A_log, D, out_w, out_b):  # type: ignore[override]
         dtype = torch.promote_types(xz.dtype, torch.float32)
         with torch.autocast("cpu", enabled=False):
             w = _Weights.of(dtype, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, A_log, D)
             inner = _inner(xz.to(dtype).contiguous(), w)
-            out, _ = scan_forward(inner.u, inner.dt, w.A, inner.B, inner.C, w.D, inner.gate)
-        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, A_log, D)
+            y, _ = scan_forward(inner.u, inner.dt, w.A, inner.B, inner.C, w.D, inner.gate)  # (b l e)
+            out = F.linear(y, out_w.to(dtype), None if out_b is None else out_b.to(dtype))  # (b l d)
+        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, A_log, D, out_w, out_b)
         return out.to(xz.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor):  # type: ignore[override]
-        xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, A_log, D = ctx.saved_tensors
+        xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, A_log, D, out_w, out_b = ctx.saved_tensors
         dtype = torch.promote_types(xz.dtype, torch.float32)
         with torch.autocast("cpu", enabled=False):
             w = _Weights.of(dtype, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, A_log, D)
-            dxz, dW = _backward(xz.to(dtype).contiguous(), w, dout.to(dtype).contiguous())
+            dout = dout.to(dtype).contiguous()  # (b l d)
+            dy = dout @ out_w.to(dtype)  # (b l e), dL/d(the scan's output)
+            dxz, dW, y = _backward(xz.to(dtype).contiguous(), w, dy)
+            dout_w = dout.flatten(0, 1).t() @ y.flatten(0, 1)  # (d e)
+            dout_b = None if out_b is None else dout.flatten(0, 1).sum(0)  # (d)
         dconv_w, dconv_b, dx_proj, ddt_proj, ddt_bias, dA_log, dD = dW
         return (dxz.to(xz.dtype), dconv_w.to(conv_w.dtype), None if conv_b is None else dconv_b.to(conv_b.dtype),
                 dx_proj.to(x_proj_w.dtype), ddt_proj.to(dt_proj_w.dtype), ddt_bias.to(dt_proj_b.dtype),
-                dA_log.to(A_log.dtype), dD.to(D.dtype))
+                dA_log.to(A_log.dtype), dD.to(D.dtype), dout_w.to(out_w.dtype),
+                None if out_b is None else dout_b.to(out_b.dtype))
 
 
-def _backward(xz: Tensor, w: _Weights, dout: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """dL/dxz (b l 2e) and the weights' gradients, from xz and dL/dout in the compute dtype."""
+def _backward(xz: Tensor, w: _Weights, dy: Tensor) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    """dL/dxz (b l 2e), the weights' gradients and the recomputed scan output y (b l e),
+    from xz and dL/dy in the compute dtype."""
     inner = _inner(xz, w, with_grad=True)
-    g = scan_backward(inner.u, inner.dt, w.A, inner.B, inner.C, w.D, inner.gate, inner.dgate, dout, None)
+    g = scan_backward(inner.u, inner.dt, w.A, inner.B, inner.C, w.D, inner.gate, inner.dgate, dy, None,
+                      want_out=True)
     ddt_pre = g.ddt.mul_(torch.sigmoid(inner.dt_pre))  # (b l e); d softplus(x)/dx = sigmoid(x)
     flat = ddt_pre.flatten(0, 1)  # (bl e)
     ddt_bias = flat.sum(0)
@@ -274,16 +287,17 @@ def _backward(xz: Tensor, w: _Weights, dout: Tensor) -> tuple[Tensor, tuple[Tens
     du = g.du.flatten(0, 1).addmm_(dx_dbl, w.x_proj).view_as(g.du)  # (b l e)
     dxz, dtaps, dbias = conv_silu_backward(xz, w.taps, du, inner.dsilu, g.dz)
     dconv_w = dtaps.flip(0).t().contiguous().unsqueeze(1)  # (e 1 k)
-    return dxz, (dconv_w, dbias if w.conv_b is not None else None, dx_proj, ddt_proj, ddt_bias, g.dA * w.A, g.dD)
+    grads = (dconv_w, dbias if w.conv_b is not None else None, dx_proj, ddt_proj, ddt_bias, g.dA * w.A, g.dD)
+    return dxz, grads, g.out
 
 
 def mamba_inner(xz: Tensor, conv_w: Tensor, conv_b: Tensor | None, x_proj_w: Tensor, dt_proj_w: Tensor,
-                dt_proj_b: Tensor, A_log: Tensor, D: Tensor) -> Tensor:
-    """(b l 2e) -> (b l e): conv, silu, x_proj, dt_proj and the scan gated by silu(z), with
-    x and z the halves of xz's last dimension and the weights as ``Mamba`` holds them; on
-    the CPU, with numba. Differentiable in every tensor (once)."""
+                dt_proj_b: Tensor, A_log: Tensor, D: Tensor, out_w: Tensor, out_b: Tensor | None) -> Tensor:
+    """(b l 2e) -> (b l d): conv, silu, x_proj, dt_proj, the scan gated by silu(z) and
+    out_proj, with x and z the halves of xz's last dimension and the weights as ``Mamba``
+    holds them; on the CPU, with numba. Differentiable in every tensor (once)."""
     if numba is None:
         raise RuntimeError("the fused Mamba mixer needs numba: pip install numba, or use --scan-impl loop")
     if xz.device.type != "cpu":
         raise ValueError(f"the fused Mamba mixer runs on the CPU, but xz is on {xz.device}")
-    return _MambaInner.apply(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, A_log, D)
+    return _MambaInner.apply(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, A_log, D, out_w, out_b)

@@ -86,11 +86,12 @@ def test_odd_widths_and_options_match_the_unfused_path(kwargs):
 
 @pytest.mark.parametrize("d_conv", [1, 3])
 @pytest.mark.parametrize("length", [2, 6])
-@pytest.mark.parametrize("conv_bias", [True, False])
-def test_fused_mixer_passes_gradcheck_in_float64(d_conv, length, conv_bias):
-    m = make_mamba(4, d_conv=d_conv, d_state=3, expand=2, dt_rank=2, conv_bias=conv_bias).double()
+@pytest.mark.parametrize("conv_bias,bias", [(True, False), (False, False), (True, True)])
+def test_fused_mixer_passes_gradcheck_in_float64(d_conv, length, conv_bias, bias):
+    m = make_mamba(4, d_conv=d_conv, d_state=3, expand=2, dt_rank=2, conv_bias=conv_bias, bias=bias).double()
     xz = torch.randn(2, length, 2 * m.d_inner, dtype=torch.float64)
-    weights = [m.conv1d.weight, m.conv1d.bias, m.x_proj.weight, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D]
+    weights = [m.conv1d.weight, m.conv1d.bias, m.x_proj.weight, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D,
+               m.out_proj.weight, m.out_proj.bias]
     args = [t.detach().clone().requires_grad_() if t is not None else None for t in [xz, *weights]]
     assert torch.autograd.gradcheck(mamba_inner, args)
 
@@ -125,7 +126,7 @@ def test_no_grad_runs_the_unfused_path_bit_for_bit_as_generates_prefill_does():
     x = torch.randn(2, 11, 16)
     with torch.no_grad():
         y, y_ref = m(x), unfused(m, x)
-        y_fused = m.out_proj(m._fused(m.in_proj(x)))
+        y_fused = m._fused(m.in_proj(x))
     assert y.grad_fn is None and y_fused.grad_fn is None
     assert torch.equal(y, y_ref)
     assert_close(y_fused, y_ref, msg="fused forward without autograd")
@@ -156,3 +157,15 @@ def test_one_thread_and_numbas_parallel_launch_give_the_same_result(threads):
         assert_matches_unfused(m, torch.randn(2, 17, 16))
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_out_proj_is_inside_the_fused_function_so_its_input_is_not_kept(bias):
+    m = make_mamba(bias=bias)
+    x = torch.randn(2, 7, 16)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = m(x)
+    assert type(y.grad_fn).__name__ == FUSED, f"out_proj runs after the Function: {type(y.grad_fn).__name__}"
+    inner_width = [t for t in saved if t.dim() == 3 and t.shape[-1] == m.d_inner]
+    assert not inner_width, f"a (b l e) tensor is kept for the backward: {[tuple(t.shape) for t in inner_width]}"
