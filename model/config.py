@@ -69,6 +69,8 @@ class ModelConfig:
     """Number of hybrid blocks."""
     mlp_ratio: int = 2
     """Width of each block's feed-forward layer as a multiple of hidden_dim; 0 removes it."""
+    recompute_mlp: bool = True
+    """Recompute the feed-forward layer's hidden activations in the backward instead of keeping them."""
     dropout: float = 0.0
     """Dropout on each block's residual branches."""
     tie_embeddings: bool = True

@@ -19,7 +19,8 @@ cross-attention between the streams, and a feed-forward layer follows. Without M
 spiking and liquid outputs are fused by one projection to d, or, with adaptive gating,
 projected separately and gated.
 
-Shapes: b batch, l length, d hidden, s spiking units, q liquid units, v vocabulary.
+Shapes: b batch, l length, d hidden, s spiking units, q liquid units, v vocabulary,
+f the feed-forward width (mlp_ratio * d).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.config import INTEGRATION_MODES, ModelConfig
@@ -58,6 +60,46 @@ def _linear(d_in: int, d_out: int, std: float, bias: bool = True) -> nn.Linear:
     if bias:
         nn.init.zeros_(lin.bias)
     return lin
+
+
+class _RecomputedMLP(torch.autograd.Function):
+    """(h (b l d), w1 (f d), b1 (f) | None, w2 (d f), b2 (d) | None) -> Linear -> SiLU ->
+    Linear (b l d), keeping only h and the weights: the backward recomputes the first
+    Linear and the SiLU (one matmul), where autograd keeps both (b l f) activations of
+    every block until the backward (16 MB of the phase-3 step's peak). Its gradients are
+    autograd's ops in autograd's order, so they equal the module path's bit for bit."""
+
+    @staticmethod
+    def forward(ctx, h, w1, b1, w2, b2):  # type: ignore[override]
+        ctx.save_for_backward(h, w1, b1, w2)
+        ctx.has_b2 = b2 is not None
+        return F.linear(F.silu(F.linear(h, w1, b1)), w2, b2)  # b l d
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        h, w1, b1, w2 = ctx.saved_tensors
+        a = F.linear(h, w1, b1).flatten(0, -2)  # (bl f)
+        dy, h2 = dy.flatten(0, -2), h.flatten(0, -2)  # (bl d) each
+        dw2 = dy.t().mm(F.silu(a))  # (d f)
+        da = torch.ops.aten.silu_backward(dy.mm(w2), a)  # (bl f)
+        dh = da.mm(w1).view_as(h) if ctx.needs_input_grad[0] else None
+        return (dh, da.t().mm(h2), None if b1 is None else da.sum(0), dw2,
+                dy.sum(0) if ctx.has_b2 else None)
+
+
+def _recomputed_mlp(mlp: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+    """``mlp(h)`` through ``_RecomputedMLP``. Under autocast its tensors are cast as
+    autocast casts a Linear's (to the autocast dtype, fp64 excepted) and the Function runs
+    with autocast off: its ops, the backward's included, see the dtypes the module path's do."""
+    args = (h, mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias)
+    device = h.device.type
+    if not torch.is_autocast_enabled(device):
+        return _RecomputedMLP.apply(*args)
+    dtype = torch.get_autocast_dtype(device)
+    cast = [t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in args]
+    with torch.autocast(device, enabled=False):
+        return _RecomputedMLP.apply(*cast)
 
 
 class HybridBlock(nn.Module):
@@ -107,8 +149,18 @@ class HybridBlock(nn.Module):
                 mixed = self.stream_out(torch.cat([spikes.features, liq], dim=-1))  # b l d
         x = x + self.dropout(mixed)
         if self.cfg.mlp_ratio:
-            x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+            x = x + self.dropout(self._mlp(self.mlp_norm(x)))
         return x, BlockAux(spikes=spikes, gates=gates)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """(b l d) -> (b l d). With --recompute-mlp, under autograd, the hidden (b l f)
+        activations are recomputed in the backward, not kept; not while a forward hook
+        watches the MLP or its layers (fault injection, a non-finite diagnosis), which the
+        Function would skip."""
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.mlp.modules())
+        if self.cfg.recompute_mlp and torch.is_grad_enabled() and not hooked:
+            return _recomputed_mlp(self.mlp, h)
+        return self.mlp(h)
 
     def _with_mamba(self, h: torch.Tensor, feats: torch.Tensor) -> list[torch.Tensor]:
         mode = self.cfg.integration_mode

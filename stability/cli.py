@@ -137,6 +137,8 @@ _DEPENDS: tuple[tuple[tuple[str, ...], str, Any], ...] = (
     (("replay_buffer_size", "replay_strategy", "replay_fraction"), "--use-replay", lambda v: v.get("use_replay")),
     (("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "scan_impl"), "--use-mamba",
      lambda v: v.get("use_mamba")),
+    (("recompute_mlp",), f"--mlp-ratio > 0 (the default is {ModelConfig.mlp_ratio})",
+     lambda v: v.get("mlp_ratio", ModelConfig.mlp_ratio) > 0),
     (("num_gate_heads",), "--use-adaptive-gating", lambda v: v.get("use_adaptive_gating")),
     (("cross_attn_heads",), "--use-cross-attention", lambda v: v.get("use_cross_attention")),
     (("ltc_ode_unfolds",), "--liquid-backbone ltc", lambda v: v.get("liquid_backbone") == "ltc"),

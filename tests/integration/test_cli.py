@@ -50,6 +50,12 @@ def test_phase_preset_equals_the_write_up_command(phase):
     assert written == preset
 
 
+def test_no_recompute_mlp_reaches_the_model_config():
+    on = resolve(build_parser().parse_args(["train", "--phase", "3"]))
+    off = resolve(build_parser().parse_args(["train", "--phase", "3", "--no-recompute-mlp"]))
+    assert on.model.recompute_mlp is True and off.model.recompute_mlp is False
+
+
 def test_explicit_flags_override_the_preset():
     spec = resolve(build_parser().parse_args(["train", "--phase", "1", "--hidden-dim", "64", "--epochs", "3"]))
     assert spec.model.hidden_dim == 64 and spec.train.epochs == 3
@@ -68,6 +74,7 @@ def test_explicit_flags_override_the_preset():
     (["--replay-strategy", "balanced", "--continual-learning"], "--replay-strategy only applies with --use-replay"),
     (["--ltc-ode-unfolds", "3"], "--ltc-ode-unfolds only applies with --liquid-backbone ltc"),
     (["--spike-temporal-tau", "2"], "--spike-temporal-tau only applies with --spike-to-mamba-method temporal"),
+    (["--mlp-ratio", "0", "--no-recompute-mlp"], "--recompute-mlp only applies with --mlp-ratio > 0"),
     (["--use-stdp", "--stdp-target-rate", "2"], "--stdp-target-rate must be in (0, 1)"),
     (["--continual-learning", "--num-tasks", "1"], "--num-tasks must be at least 2"),
     (["--continual-learning", "--num-tasks", "999"], "--num-tasks"),

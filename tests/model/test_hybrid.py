@@ -208,3 +208,65 @@ def test_cuda_model_matches_cpu_model():
         cpu = model(x)
         gpu = model.cuda()(x.cuda())  # mamba-ssm kernels when installed, else the chunked scan
     assert_close(gpu.cpu(), cpu, scale=10)
+
+
+def _values_and_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    logits = model(x)
+    logits.square().mean().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _saved_bytes(model, x) -> tuple[int, int]:
+    """(count, bytes) of the tensors autograd keeps for the backward of one forward."""
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(x)
+    return len(saved), sum(t.numel() * t.element_size() for t in saved)
+
+
+@pytest.mark.parametrize("layout", [{}, dict(use_mamba=True, scan_impl="loop")], ids=["no-mamba", "mamba"])
+def test_recompute_mlp_gives_the_same_values_and_gradients_bit_for_bit(layout):
+    on = tiny_hybrid(**layout)
+    off = tiny_hybrid(**layout, recompute_mlp=False)
+    off.load_state_dict(on.state_dict())
+    assert on.state_dict().keys() == off.state_dict().keys()
+    x = tokens()
+    (y_on, g_on), (y_off, g_off) = _values_and_grads(on, x), _values_and_grads(off, x)
+    assert torch.equal(y_on, y_off)
+    assert g_on.keys() == g_off.keys() and any("mlp.0" in n for n in g_on)
+    for name in g_on:
+        assert torch.equal(g_on[name], g_off[name]), f"d{name} differs"
+
+
+def test_recompute_mlp_keeps_only_the_mlps_input_for_the_backward():
+    on, off = tiny_hybrid(), tiny_hybrid(recompute_mlp=False)
+    x = tokens(b=2, l=16)
+    (n_on, bytes_on), (n_off, bytes_off) = _saved_bytes(on, x), _saved_bytes(off, x)
+    cfg = on.cfg
+    hidden = 2 * 16 * cfg.mlp_ratio * cfg.hidden_dim * 4  # one (b l f) fp32 activation
+    bias = cfg.mlp_ratio * cfg.hidden_dim * 4  # the first Linear's bias (f): kept to recompute its output
+    # per block, the first Linear's output (SiLU's input) and SiLU's output are not kept
+    assert bytes_off - bytes_on == (2 * hidden - bias) * cfg.num_layers, (bytes_off, bytes_on)
+    assert n_on < n_off
+
+
+def test_recompute_mlp_under_bf16_autocast_tracks_the_module_path():
+    on, off = tiny_hybrid(), tiny_hybrid(recompute_mlp=False)
+    off.load_state_dict(on.state_dict())
+    x = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (y_on, g_on), (y_off, g_off) = _values_and_grads(on, x), _values_and_grads(off, x)
+    assert y_on.dtype == y_off.dtype
+    assert_close(y_on, y_off, dtype=torch.bfloat16, msg="logits")
+    for name in g_on:
+        assert g_on[name].dtype == g_off[name].dtype, name
+        assert_close(g_on[name], g_off[name], dtype=torch.bfloat16, msg=f"d{name}")
+
+
+def test_a_forward_hook_on_the_mlp_runs_it_as_modules_so_the_hook_fires():
+    model = tiny_hybrid()
+    seen = []
+    model.blocks[0].mlp[1].register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    model(tokens())
+    assert seen == [torch.Size([2, 16, 2 * model.cfg.hidden_dim])]
