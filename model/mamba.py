@@ -93,9 +93,15 @@ class Mamba(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         """(b l d) -> (b l d); position t reads positions <= t only."""
         xz = self.in_proj(hidden)  # (b l 2e)
-        if torch.is_grad_enabled() and resolve_scan_impl(xz, self.scan_impl) == "numba":
+        if torch.is_grad_enabled() and resolve_scan_impl(xz, self.scan_impl) == "numba" and not self._watched():
             return self._fused(xz)
         return self.out_proj(self._unfused(xz))
+
+    def _watched(self) -> bool:
+        """Whether a forward hook watches a layer the fused Function would run past
+        (``--inject-fault activation:...``, the non-finite diagnosis): then the op-by-op
+        path runs, and the hook sees the layer's output."""
+        return any(m._forward_hooks or m._forward_pre_hooks for m in (self.conv1d, self.x_proj, self.out_proj))
 
     def _fused(self, xz: Tensor) -> Tensor:
         """(b l 2e) -> (b l d), out_proj included, in one autograd Function that keeps only

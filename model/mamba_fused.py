@@ -7,10 +7,10 @@ The forward keeps only its inputs (in_proj's output xz and the weights). The bac
 recomputes the conv, its silu, x_dbl and dt (one compiled pass and two small matmuls),
 runs ``scan_backward``, which recomputes the scan's output on the way for out_proj's
 weight gradient, and back-propagates through dt_proj, x_proj, the silu and the conv by
-hand. With out_proj outside, autograd would keep its (b l e) input, the scan's output, for
-every layer until the backward (8 MB of the phase-3 step's peak). Autograd through the unfused module keeps each of those (b l e) intermediates of
-every layer until the backward, pays mkldnn's slow depthwise conv backward and silu's
-backward on transposed tensors, and copies between (b e l) and (b l e) on the way.
+hand. Autograd through the unfused module keeps each of those (b l e) intermediates of
+every layer until the backward (out_proj's input alone is 8 MB of the phase-3 step's
+peak), pays mkldnn's slow depthwise conv backward and silu's backward on transposed
+tensors, and copies between (b e l) and (b l e) on the way.
 
 The conv with both silus (of its output and of z), and the conv's backward, are numba
 kernels beside the scan's: each is one pass over (b l e) where torch takes one pass per

@@ -169,3 +169,29 @@ def test_out_proj_is_inside_the_fused_function_so_its_input_is_not_kept(bias):
     assert type(y.grad_fn).__name__ == FUSED, f"out_proj runs after the Function: {type(y.grad_fn).__name__}"
     inner_width = [t for t in saved if t.dim() == 3 and t.shape[-1] == m.d_inner]
     assert not inner_width, f"a (b l e) tensor is kept for the backward: {[tuple(t.shape) for t in inner_width]}"
+
+
+@pytest.mark.parametrize("name", ["conv1d", "x_proj", "out_proj"])  # dt_proj: its weight is used, not its forward
+@pytest.mark.parametrize("pre", [False, True])
+def test_a_hook_on_a_layer_inside_the_fused_function_still_fires(name, pre):
+    """Fault injection (``--inject-fault activation:...``) and the non-finite diagnosis
+    watch modules through forward hooks; the fused Function would run past them, so a
+    watched layer keeps the op-by-op path and its hook sees (and may change) its output."""
+    m = make_mamba()
+    x = torch.randn(2, 5, 16)
+    clean = m(x)
+    layer = getattr(m, name)
+    calls = []
+    if pre:
+        handle = layer.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    else:
+        handle = layer.register_forward_hook(lambda mod, args, out: (calls.append(1), out * float("nan"))[1])
+    y = m(x)
+    handle.remove()
+    assert calls, f"the hook on {name} did not fire"
+    assert FUSED not in graph_names(y)
+    if pre:
+        assert_close(y, clean, msg="a watching pre-hook changes nothing")
+    else:
+        assert y.isnan().all(), f"the NaN {name}'s hook put in did not reach the output"
+    assert FUSED in graph_names(m(x)), "with the hook removed the fused path is back"
