@@ -27,6 +27,10 @@ from model.ssm import SCAN_IMPLS, ScanImpl, resolve_scan_impl, selective_scan
 class Mamba(nn.Module):
     """in_proj -> causal depthwise conv + silu -> selective scan gated by silu(z) -> out_proj."""
 
+    # children whose weights are used but whose forward never runs (dt_proj's bias goes to
+    # the scan as delta_bias, as mamba-ssm does): a forward hook on them would never fire
+    weights_only_children = ("dt_proj",)
+
     def __init__(
         self,
         d_model: int,

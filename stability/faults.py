@@ -166,6 +166,11 @@ class FaultInjector:
                 examples = ", ".join(n for n in list(modules)[1:8] if n)
                 raise FaultSpecError(f"--inject-fault: {f} names no module of this model; e.g. {examples}")
             if f.site == "activation":
+                parent, _, child = f.target.rpartition(".")
+                if child in getattr(modules.get(parent), "weights_only_children", ()):
+                    raise FaultSpecError(
+                        f"--inject-fault: {f}: the forward of {f.target} never runs ({parent} uses its weights "
+                        f"directly), so nothing would be injected; target {parent} or another of its layers")
                 self._hooks.append(modules[f.target].register_forward_hook(self._activation_hook(f)))
         if any(f.site == "activation" and f.target is None for f in self.faults):
             self._hooks.append(self.model.register_forward_hook(self._activation_hook(

@@ -97,3 +97,16 @@ def test_overflow_storm_covers_its_range():
         inj.on_grads()
         fired.append(not all(torch.isfinite(p.grad).all() for p in model.parameters()))
     assert fired == [False, True, True, True, False, False]
+
+
+def test_an_activation_target_whose_forward_never_runs_is_refused_naming_the_alternatives():
+    """Mamba uses dt_proj's weight and bias directly: a hook on it would never fire, so an
+    activation fault there would be accepted and never injected."""
+    from model import HybridLM, ModelConfig
+
+    model = HybridLM(ModelConfig(vocab_size=64, hidden_dim=16, liquid_units=8, spiking_units=8, num_layers=1,
+                                 use_mamba=True))
+    with pytest.raises(FaultSpecError, match=r"blocks\.0\.mamba\.dt_proj.*never runs.*blocks\.0\.mamba"):
+        FaultInjector(parse_faults("activation[blocks.0.mamba.dt_proj]:nan@1"), model)
+    # its parameters stay targets for the sites that act on parameters and gradients
+    FaultInjector(parse_faults("grad[blocks.0.mamba.dt_proj]:nan@1,param[blocks.0.mamba.dt_proj]:nan@1"), model)
