@@ -26,6 +26,7 @@ never makes them non-finite. All of it runs on the device, with no host sync.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -76,14 +77,15 @@ class PlasticityController:
 
     # -- after the step --------------------------------------------------------------------
     @torch.no_grad()
-    def after_step(self, out: Any, skip: torch.Tensor | None, loss: torch.Tensor) -> None:
+    def after_step(self, blocks: Sequence[Any], skip: torch.Tensor | None, loss: torch.Tensor) -> None:
+        """``blocks``: each block's aux (its spikes) from the window's last forward."""
         good = torch.ones((), device=loss.device) if skip is None else 1 - skip
         if self.cfg.use_stdp:
-            updates = [self._stdp_update(i, aux.spikes.pre, aux.spikes.post) for i, aux in enumerate(out.blocks)]
+            updates = [self._stdp_update(i, aux.spikes.pre, aux.spikes.post) for i, aux in enumerate(blocks)]
             for i, (dw, theta) in enumerate(self._mean_over_ranks(updates)):
                 self._apply_stdp(i, dw, theta, good)
         if self.cfg.use_meta_plasticity:
-            rates = all_reduce_(self.dist, torch.stack([aux.spikes.post.float().mean() for aux in out.blocks]), "mean")
+            rates = all_reduce_(self.dist, torch.stack([aux.spikes.post.float().mean() for aux in blocks]), "mean")
             self._meta(rates, loss, good > 0)
 
     def _stdp_update(self, i: int, pre: torch.Tensor, post: torch.Tensor):

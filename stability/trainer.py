@@ -241,6 +241,10 @@ class Trainer:
                 with self.autocast():
                     out = self.wrapped(x, return_aux=True)
                     loss = lm_loss(out.logits, y)
+                # keep the aux (plasticity's spikes), not the (b l v) logits: the loss's graph
+                # holds what the backward needs, and the logits would stay alive through it
+                blocks = out.blocks
+                del out
                 if self.injector:
                     loss = self.injector.on_loss(loss, micro)
                 total = loss if self.loss_hook is None else loss + self.loss_hook(self.model)  # + EWC
@@ -261,7 +265,7 @@ class Trainer:
         if self.probe is not None and self.probe.armed:
             self.probe.observe_grads()  # per-block norms before clipping, on the device
         if not self.guard_cfg.guard:
-            return self._unguarded_step(grads, grad_norm, mean_loss, tokens, out, lr)
+            return self._unguarded_step(grads, grad_norm, mean_loss, tokens, blocks, lr)
         # 4. judge, clip, guarded step
         verdict = self.guard.judge(loss_ok, grad_norm, mean_loss)
         mean_loss = verdict.loss  # over every rank
@@ -277,7 +281,7 @@ class Trainer:
         # fp16 overflows belong to the scale policy, every other skip to rollback
         counts = verdict.reason != OVERFLOW if self.policy.enabled else torch.ones_like(loss_ok)
         self.guard.commit(self.step, verdict, mean_loss, grad_norm, scale_used, lr, counts)
-        self._after_step(out, verdict.skip, mean_loss)
+        self._after_step(blocks, verdict.skip, mean_loss)
         self.step += 1
         return StepOutput(mean_loss, grad_norm, verdict, tokens)
 
@@ -293,7 +297,7 @@ class Trainer:
             return squares.sqrt(), squares.sum().sqrt()
         return norms, torch.linalg.vector_norm(norms)
 
-    def _unguarded_step(self, grads, grad_norm, loss, tokens, out, lr) -> StepOutput:
+    def _unguarded_step(self, grads, grad_norm, loss, tokens, blocks, lr) -> StepOutput:
         """The same step with no guard: the baseline the guard's overhead is measured
         against, and what ``--no-guard`` runs. A non-finite step corrupts the weights."""
         if self.cfg.gradient_clip > 0:
@@ -304,16 +308,16 @@ class Trainer:
         self.policy.update(torch.isfinite(grad_norm).logical_not(), torch.isfinite(loss))
         self.optimizer.zero_grad(set_to_none=True)
         self.guard.record_unguarded(self.step, loss, grad_norm, scale_used, lr)
-        self._after_step(out, None, loss)
+        self._after_step(blocks, None, loss)
         self.step += 1
         return StepOutput(loss, grad_norm, None, tokens)
 
-    def _after_step(self, out, skip: torch.Tensor | None, loss: torch.Tensor) -> None:
+    def _after_step(self, blocks, skip: torch.Tensor | None, loss: torch.Tensor) -> None:
         """Out-of-optimizer plasticity (guarded inside), and the next step's per-block
         learning-rate multipliers."""
         if self.plasticity is None:
             return
-        self.plasticity.after_step(out, skip, loss)
+        self.plasticity.after_step(blocks, skip, loss)
         if self.plasticity.cfg.use_meta_plasticity:
             self.group_lr_scale = self.plasticity.group_lr_scale()
 

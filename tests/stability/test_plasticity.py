@@ -50,7 +50,7 @@ def test_stdp_update_equals_the_rule_times_the_rate():
     t = make(use_stdp=True, stdp_learning_rate=0.05)
     out = t.model(batches(1)[0][0], return_aux=True)
     before = synapses(t)
-    t.plasticity.after_step(out, torch.zeros(()), torch.tensor(3.0))
+    t.plasticity.after_step(out.blocks, torch.zeros(()), torch.tensor(3.0))
     for i, aux in enumerate(out.blocks):
         dw, _ = stdp_update("classical", aux.spikes.pre, aux.spikes.post, 4.0, 4.0, 0.1)
         assert torch.allclose(synapses(t)[i] - before[i], 0.05 * dw, atol=1e-7)
@@ -78,7 +78,7 @@ def test_oversized_stdp_update_is_clipped_to_the_max_norm():
     out = t.model(batches(1)[0][0], return_aux=True)
     t.injector.begin_step(1)
     before = synapses(t)
-    t.plasticity.after_step(out, torch.zeros(()), torch.tensor(3.0))
+    t.plasticity.after_step(out.blocks, torch.zeros(()), torch.tensor(3.0))
     for b, a in zip(before, synapses(t)):
         assert (a - b).norm().item() == pytest.approx(0.01 * b.norm().item(), rel=1e-4)
     assert t.plasticity.read()["clipped"] == [1.0, 1.0]
