@@ -63,43 +63,55 @@ def _linear(d_in: int, d_out: int, std: float, bias: bool = True) -> nn.Linear:
 
 
 class _RecomputedMLP(torch.autograd.Function):
-    """(h (b l d), w1 (f d), b1 (f) | None, w2 (d f), b2 (d) | None) -> Linear -> SiLU ->
-    Linear (b l d), keeping only h and the weights: the backward recomputes the first
-    Linear and the SiLU (one matmul), where autograd keeps both (b l f) activations of
-    every block until the backward (16 MB of the phase-3 step's peak). Its gradients are
-    autograd's ops in autograd's order, so they equal the module path's bit for bit."""
+    """(x (b l d), the LayerNorm's weight and bias (d), w1 (f d), b1 (f) | None, w2 (d f),
+    b2 (d) | None) -> LayerNorm -> Linear -> SiLU -> Linear (b l d), keeping only x and the
+    weights: the backward recomputes the norm, the first Linear and the SiLU (one matmul),
+    where autograd keeps the normed input and both (b l f) activations of every block until
+    the backward (24 MB of the phase-3 step's peak). Its gradients are autograd's ops in
+    autograd's order, so they equal the module path's bit for bit. ``dtype``: the autocast
+    dtype the Linears run in (None without autocast); the norm runs in x's dtype."""
 
     @staticmethod
-    def forward(ctx, h, w1, b1, w2, b2):  # type: ignore[override]
-        ctx.save_for_backward(h, w1, b1, w2)
-        ctx.has_b2 = b2 is not None
+    def forward(ctx, x, ln_w, ln_b, eps, w1, b1, w2, b2, dtype):  # type: ignore[override]
+        ctx.save_for_backward(x, ln_w, ln_b, w1, b1, w2)
+        ctx.eps, ctx.dtype, ctx.has_b2 = eps, dtype, b2 is not None
+        h = torch.native_layer_norm(x, x.shape[-1:], ln_w, ln_b, eps)[0]
+        h = h if dtype is None else h.to(dtype)
         return F.linear(F.silu(F.linear(h, w1, b1)), w2, b2)  # b l d
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        h, w1, b1, w2 = ctx.saved_tensors
+        x, ln_w, ln_b, w1, b1, w2 = ctx.saved_tensors
+        normed, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], ln_w, ln_b, ctx.eps)
+        h = normed if ctx.dtype is None else normed.to(ctx.dtype)
         a = F.linear(h, w1, b1).flatten(0, -2)  # (bl f)
         dy, h2 = dy.flatten(0, -2), h.flatten(0, -2)  # (bl d) each
         dw2 = dy.t().mm(F.silu(a))  # (d f)
         da = torch.ops.aten.silu_backward(dy.mm(w2), a)  # (bl f)
-        dh = da.mm(w1).view_as(h) if ctx.needs_input_grad[0] else None
-        return (dh, da.t().mm(h2), None if b1 is None else da.sum(0), dw2,
-                dy.sum(0) if ctx.has_b2 else None)
+        dh = da.mm(w1).view_as(h).to(normed.dtype)  # the cast's backward, as autocast's
+        needs = ctx.needs_input_grad
+        dx, dln_w, dln_b = torch.ops.aten.native_layer_norm_backward(
+            dh, x, x.shape[-1:], mean, rstd, ln_w, ln_b, [needs[0], needs[1], needs[2]])
+        return (dx, dln_w, dln_b, None, da.t().mm(h2), None if b1 is None else da.sum(0), dw2,
+                dy.sum(0) if ctx.has_b2 else None, None)
 
 
-def _recomputed_mlp(mlp: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
-    """``mlp(h)`` through ``_RecomputedMLP``. Under autocast its tensors are cast as
-    autocast casts a Linear's (to the autocast dtype, fp64 excepted) and the Function runs
-    with autocast off: its ops, the backward's included, see the dtypes the module path's do."""
-    args = (h, mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias)
-    device = h.device.type
+def _recomputed_mlp(norm: nn.LayerNorm, mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``mlp(norm(x))`` through ``_RecomputedMLP``. Under autocast its tensors are cast as
+    autocast casts them (the norm's to fp32, the Linears' to the autocast dtype, fp64
+    excepted) and the Function runs with autocast off: its ops, the backward's included,
+    see the dtypes the module path's do."""
+    device = x.device.type
+    linears = (mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias)
     if not torch.is_autocast_enabled(device):
-        return _RecomputedMLP.apply(*args)
+        return _RecomputedMLP.apply(x, norm.weight, norm.bias, norm.eps, *linears, None)
     dtype = torch.get_autocast_dtype(device)
-    cast = [t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in args]
+    fp32 = [t if t is None or t.dtype in (torch.float32, torch.float64) else t.float()
+            for t in (x, norm.weight, norm.bias)]
+    cast = [t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in linears]
     with torch.autocast(device, enabled=False):
-        return _RecomputedMLP.apply(*cast)
+        return _RecomputedMLP.apply(*fp32, norm.eps, *cast, dtype)
 
 
 class HybridBlock(nn.Module):
@@ -149,18 +161,19 @@ class HybridBlock(nn.Module):
                 mixed = self.stream_out(torch.cat([spikes.features, liq], dim=-1))  # b l d
         x = x + self.dropout(mixed)
         if self.cfg.mlp_ratio:
-            x = x + self.dropout(self._mlp(self.mlp_norm(x)))
+            x = x + self.dropout(self._mlp(x))
         return x, BlockAux(spikes=spikes, gates=gates)
 
-    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
-        """(b l d) -> (b l d). With --recompute-mlp, under autograd, the hidden (b l f)
-        activations are recomputed in the backward, not kept; not while a forward hook
-        watches the MLP or its layers (fault injection, a non-finite diagnosis), which the
-        Function would skip."""
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.mlp.modules())
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """``mlp(mlp_norm(x))``, (b l d) -> (b l d). With --recompute-mlp, under autograd,
+        the normed input and the hidden (b l f) activations are recomputed in the backward,
+        not kept; not while a forward hook watches the norm, the MLP or its layers (fault
+        injection, a non-finite diagnosis), which the Function would skip."""
+        watched = (self.mlp_norm, *self.mlp.modules())
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in watched)
         if self.cfg.recompute_mlp and torch.is_grad_enabled() and not hooked:
-            return _recomputed_mlp(self.mlp, h)
-        return self.mlp(h)
+            return _recomputed_mlp(self.mlp_norm, self.mlp, x)
+        return self.mlp(self.mlp_norm(x))
 
     def _with_mamba(self, h: torch.Tensor, feats: torch.Tensor) -> list[torch.Tensor]:
         mode = self.cfg.integration_mode

@@ -245,9 +245,12 @@ def test_recompute_mlp_keeps_only_the_mlps_input_for_the_backward():
     (n_on, bytes_on), (n_off, bytes_off) = _saved_bytes(on, x), _saved_bytes(off, x)
     cfg = on.cfg
     hidden = 2 * 16 * cfg.mlp_ratio * cfg.hidden_dim * 4  # one (b l f) fp32 activation
+    normed = 2 * 16 * cfg.hidden_dim * 4  # the norm's output (b l d), the first Linear's input
+    stats = 2 * (2 * 16 * 4)  # the norm's mean and 1/std (b l 1 each)
     bias = cfg.mlp_ratio * cfg.hidden_dim * 4  # the first Linear's bias (f): kept to recompute its output
-    # per block, the first Linear's output (SiLU's input) and SiLU's output are not kept
-    assert bytes_off - bytes_on == (2 * hidden - bias) * cfg.num_layers, (bytes_off, bytes_on)
+    # per block, the normed input, its statistics, the first Linear's output (SiLU's input)
+    # and SiLU's output are not kept
+    assert bytes_off - bytes_on == (normed + stats + 2 * hidden - bias) * cfg.num_layers, (bytes_off, bytes_on)
     assert n_on < n_off
 
 
@@ -264,9 +267,10 @@ def test_recompute_mlp_under_bf16_autocast_tracks_the_module_path():
         assert_close(g_on[name], g_off[name], dtype=torch.bfloat16, msg=f"d{name}")
 
 
-def test_a_forward_hook_on_the_mlp_runs_it_as_modules_so_the_hook_fires():
+@pytest.mark.parametrize("layer,width", [("mlp.1", 2), ("mlp_norm", 1)])
+def test_a_forward_hook_on_the_mlp_runs_it_as_modules_so_the_hook_fires(layer, width):
     model = tiny_hybrid()
     seen = []
-    model.blocks[0].mlp[1].register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    model.blocks[0].get_submodule(layer).register_forward_hook(lambda mod, args, out: seen.append(out.shape))
     model(tokens())
-    assert seen == [torch.Size([2, 16, 2 * model.cfg.hidden_dim])]
+    assert seen == [torch.Size([2, 16, width * model.cfg.hidden_dim])]
