@@ -126,6 +126,8 @@ class ModelConfig:
     """Causal multi-head cross-attention between the spiking/liquid and Mamba streams."""
     cross_attn_heads: int = 4
     """Heads of the cross-attention; hidden_dim must divide by it."""
+    recompute_cross_attention: bool = True
+    """Recompute the cross-attention's projections and attention in the backward instead of keeping them."""
 
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Not a flag: free-form notes carried into checkpoints (e.g. the tokenizer name)."""

@@ -8,6 +8,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+# The attention kernels' outputs (the attention and its log-sum-exp) are what the backward of
+# the cross-attention keeps; the norms and projections around them are recomputed.
+_ATTENTION_OPS = tuple(
+    getattr(torch.ops.aten, name).default
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_attention_contexts():
+    return create_selective_checkpoint_contexts(_keep_attention)
 
 
 class BranchMixer(nn.Module):
@@ -42,11 +60,22 @@ class BranchMixer(nn.Module):
 
 class CausalCrossAttention(nn.Module):
     """Queries from one stream attend to keys/values of another, token t seeing only
-    tokens <= t (``scaled_dot_product_attention(is_causal=True)``)."""
+    tokens <= t (``scaled_dot_product_attention(is_causal=True)``).
 
-    def __init__(self, d: int, heads: int, out_std: float):
+    recompute: under autograd, the backward keeps the two streams and the attention
+    kernel's outputs (the attention and its log-sum-exp) and recomputes the norms and
+    projections around it (selective activation checkpointing, ``torch.utils.checkpoint``),
+    where autograd keeps about five (b l d) activations per call (the normed streams, q, k,
+    v): 80 MB of the phase-4 step's peak, for a second run of the norms and projections
+    (about 3% of the step). The attention, the costly part, runs once. The recomputation
+    runs the same ops, so values and gradients equal the kept path's bit for bit. Not while
+    a forward hook watches one of its layers (fault injection, the non-finite diagnosis):
+    the recomputation would fire the hook a second time.
+    """
+
+    def __init__(self, d: int, heads: int, out_std: float, recompute: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.recompute = heads, recompute
         self.norm_q = nn.LayerNorm(d)
         self.norm_kv = nn.LayerNorm(d)
         self.q = nn.Linear(d, d, bias=False)
@@ -57,6 +86,17 @@ class CausalCrossAttention(nn.Module):
         nn.init.normal_(self.out.weight, std=out_std)
 
     def forward(self, query_stream: torch.Tensor, kv_stream: torch.Tensor) -> torch.Tensor:
+        """(b l d), (b l d) -> (b l d)."""
+        if self.recompute and torch.is_grad_enabled() and not self._watched():
+            # no randomness inside: the RNG state need not be saved and restored
+            return checkpoint(self._attend, query_stream, kv_stream, use_reentrant=False, preserve_rng_state=False,
+                              context_fn=_keep_attention_contexts)
+        return self._attend(query_stream, kv_stream)
+
+    def _watched(self) -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
+
+    def _attend(self, query_stream: torch.Tensor, kv_stream: torch.Tensor) -> torch.Tensor:
         b, l, d = query_stream.shape
         h = self.heads
         q = self.q(self.norm_q(query_stream)).view(b, l, h, d // h).transpose(1, 2)  # b h l c

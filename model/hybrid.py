@@ -130,9 +130,10 @@ class HybridBlock(nn.Module):
                 self.spike_to_mamba = _linear(s, d, 0.02)
                 self.mamba_to_liquid = _linear(d, d, 0.02)
             if cfg.use_cross_attention:
-                self.cross_attn = CausalCrossAttention(d, cfg.cross_attn_heads, out_std)
+                recompute = cfg.recompute_cross_attention
+                self.cross_attn = CausalCrossAttention(d, cfg.cross_attn_heads, out_std, recompute)
                 if cfg.integration_mode == "bidirectional":
-                    self.cross_attn_back = CausalCrossAttention(d, cfg.cross_attn_heads, out_std)
+                    self.cross_attn_back = CausalCrossAttention(d, cfg.cross_attn_heads, out_std, recompute)
         elif cfg.use_adaptive_gating:
             self.spike_out = _linear(s, d, out_std)
             self.liquid_out = _linear(q, d, out_std)

@@ -56,6 +56,12 @@ def test_no_recompute_mlp_reaches_the_model_config():
     assert on.model.recompute_mlp is True and off.model.recompute_mlp is False
 
 
+def test_no_recompute_cross_attention_reaches_the_model_config():
+    on = resolve(build_parser().parse_args(["train", "--phase", "4"]))
+    off = resolve(build_parser().parse_args(["train", "--phase", "4", "--no-recompute-cross-attention"]))
+    assert on.model.recompute_cross_attention is True and off.model.recompute_cross_attention is False
+
+
 def test_explicit_flags_override_the_preset():
     spec = resolve(build_parser().parse_args(["train", "--phase", "1", "--hidden-dim", "64", "--epochs", "3"]))
     assert spec.model.hidden_dim == 64 and spec.train.epochs == 3

@@ -1,5 +1,8 @@
+from collections import Counter
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.fusion import BranchMixer, CausalCrossAttention
 from tests.helpers import assert_close
@@ -51,3 +54,62 @@ def test_cross_attention_reads_the_other_stream():
     attn = CausalCrossAttention(16, heads=2, out_std=0.1)
     q, kv = torch.randn(1, 6, 16), torch.randn(1, 6, 16)
     assert not torch.allclose(attn(q, kv), attn(q, kv.flip(1)))
+
+
+def _cross_attention_pair(d=16, heads=4):
+    """The same weights with recompute on and off."""
+    torch.manual_seed(0)
+    on = CausalCrossAttention(d, heads=heads, out_std=0.1, recompute=True)
+    off = CausalCrossAttention(d, heads=heads, out_std=0.1, recompute=False)
+    off.load_state_dict(on.state_dict())
+    return on, off
+
+
+def _forward_backward(attn, q, kv):
+    q, kv = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    attn.zero_grad(set_to_none=True)
+    y = attn(q, kv)
+    y.square().sum().backward()
+    return [y.detach(), q.grad, kv.grad] + [p.grad for p in attn.parameters()]
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_recomputed_cross_attention_equals_the_kept_one_bit_for_bit(amp):
+    on, off = _cross_attention_pair()
+    q, kv = torch.randn(2, 12, 16), torch.randn(2, 12, 16)
+    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        got, want = _forward_backward(on, q, kv), _forward_backward(off, q, kv)
+    assert len(got) == len(want) == 10  # output, dq, dkv, seven parameters
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"tensor {i} differs"
+
+
+class _OpCounts(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_recompute_reruns_the_norms_and_projections_in_the_backward_not_the_attention(recompute):
+    on, off = _cross_attention_pair()
+    attn = on if recompute else off
+    with _OpCounts() as ops:
+        _forward_backward(attn, torch.randn(2, 12, 16), torch.randn(2, 12, 16))
+    attention = "_scaled_dot_product_flash_attention_for_cpu"
+    assert ops.counts[attention] == 1, "the attention ran in the backward again: its outputs were not kept"
+    assert ops.counts[attention + "_backward"] == 1
+    # two norms in the forward, and the same two again in the backward when recomputed
+    assert ops.counts["native_layer_norm"] == (4 if recompute else 2)
+
+
+def test_a_forward_hook_on_a_cross_attention_layer_fires_once_per_step():
+    on, _ = _cross_attention_pair()
+    calls = []
+    on.q.register_forward_hook(lambda mod, args, out: calls.append(out.shape))
+    _forward_backward(on, torch.randn(2, 12, 16), torch.randn(2, 12, 16))
+    assert calls == [torch.Size([2, 12, 16])], "the backward's recomputation fired the hook again"

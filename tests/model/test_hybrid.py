@@ -239,6 +239,21 @@ def test_recompute_mlp_gives_the_same_values_and_gradients_bit_for_bit(layout):
         assert torch.equal(g_on[name], g_off[name]), f"d{name} differs"
 
 
+def test_recompute_cross_attention_gives_the_same_values_and_gradients_bit_for_bit():
+    layout = dict(use_mamba=True, integration_mode="bidirectional", use_cross_attention=True,
+                  use_adaptive_gating=True)  # phase 4's: two cross-attentions per block
+    on = tiny_hybrid(**layout)
+    off = tiny_hybrid(**layout, recompute_cross_attention=False)
+    off.load_state_dict(on.state_dict())
+    assert on.blocks[0].cross_attn_back.recompute and not off.blocks[0].cross_attn_back.recompute
+    x = tokens()
+    (y_on, g_on), (y_off, g_off) = _values_and_grads(on, x), _values_and_grads(off, x)
+    assert torch.equal(y_on, y_off)
+    assert g_on.keys() == g_off.keys() and any("cross_attn_back.q" in n for n in g_on)
+    for name in g_on:
+        assert torch.equal(g_on[name], g_off[name]), f"d{name} differs"
+
+
 def test_recompute_mlp_keeps_only_the_mlps_input_for_the_backward():
     on, off = tiny_hybrid(), tiny_hybrid(recompute_mlp=False)
     x = tokens(b=2, l=16)
