@@ -67,7 +67,7 @@ class _RecomputedMLP(torch.autograd.Function):
     b2 (d) | None) -> LayerNorm -> Linear -> SiLU -> Linear (b l d), keeping only x and the
     weights: the backward recomputes the norm, the first Linear and the SiLU (one matmul),
     where autograd keeps the normed input and both (b l f) activations of every block until
-    the backward (24 MB of the phase-3 step's peak). Its gradients are autograd's ops in
+    the backward (20 MB of the phase-3 step's peak). Its gradients are autograd's ops in
     autograd's order, so they equal the module path's bit for bit. ``dtype``: the autocast
     dtype the Linears run in (None without autocast); the norm runs in x's dtype."""
 
