@@ -56,11 +56,11 @@ def test_cross_attention_reads_the_other_stream():
     assert not torch.allclose(attn(q, kv), attn(q, kv.flip(1)))
 
 
-def _cross_attention_pair(d=16, heads=4):
+def _cross_attention_pair(d=16, heads=4, device="cpu"):
     """The same weights with recompute on and off."""
     torch.manual_seed(0)
-    on = CausalCrossAttention(d, heads=heads, out_std=0.1, recompute=True)
-    off = CausalCrossAttention(d, heads=heads, out_std=0.1, recompute=False)
+    on = CausalCrossAttention(d, heads=heads, out_std=0.1, recompute=True).to(device)
+    off = CausalCrossAttention(d, heads=heads, out_std=0.1, recompute=False).to(device)
     off.load_state_dict(on.state_dict())
     return on, off
 
@@ -113,3 +113,20 @@ def test_a_forward_hook_on_a_cross_attention_layer_fires_once_per_step():
     on.q.register_forward_hook(lambda mod, args, out: calls.append(out.shape))
     _forward_backward(on, torch.randn(2, 12, 16), torch.randn(2, 12, 16))
     assert calls == [torch.Size([2, 12, 16])], "the backward's recomputation fired the hook again"
+
+
+@pytest.mark.gpu
+def test_recomputed_cross_attention_on_cuda_keeps_its_attention_kernel_and_tracks_the_kept_path():
+    from model.fusion import _ATTENTION_OPS
+
+    on, off = _cross_attention_pair(d=32, heads=2, device="cuda")  # 16 channels a head: a fused kernel
+    q, kv = torch.randn(2, 64, 32, device="cuda"), torch.randn(2, 64, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with _OpCounts() as ops:
+            got = _forward_backward(on, q, kv)
+        want = _forward_backward(off, q, kv)
+    kernels = {op.overloadpacket.__name__ for op in _ATTENTION_OPS}
+    assert sum(ops.counts[k] for k in kernels) == 1, ops.counts
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype
+        assert_close(a, b, dtype=torch.bfloat16, msg=f"tensor {i}")
