@@ -225,33 +225,35 @@ def _saved_bytes(model, x) -> tuple[int, int]:
     return len(saved), sum(t.numel() * t.element_size() for t in saved)
 
 
-@pytest.mark.parametrize("layout", [{}, dict(use_mamba=True, scan_impl="loop")], ids=["no-mamba", "mamba"])
-def test_recompute_mlp_gives_the_same_values_and_gradients_bit_for_bit(layout):
+PHASE_4_LAYOUT = dict(use_mamba=True, integration_mode="bidirectional", use_cross_attention=True,
+                      use_adaptive_gating=True)  # two cross-attentions a block
+
+
+@pytest.mark.parametrize("flag,layout,watched", [
+    ("recompute_mlp", {}, "mlp.0"),
+    ("recompute_mlp", dict(use_mamba=True, scan_impl="loop"), "mlp.0"),
+    ("recompute_cross_attention", PHASE_4_LAYOUT, "cross_attn_back.q"),
+], ids=["mlp-no-mamba", "mlp-mamba", "cross-attention"])
+def test_recomputation_gives_the_same_values_and_gradients_bit_for_bit(flag, layout, watched):
     on = tiny_hybrid(**layout)
-    off = tiny_hybrid(**layout, recompute_mlp=False)
+    off = tiny_hybrid(**layout, **{flag: False})
     off.load_state_dict(on.state_dict())
     assert on.state_dict().keys() == off.state_dict().keys()
     x = tokens()
     (y_on, g_on), (y_off, g_off) = _values_and_grads(on, x), _values_and_grads(off, x)
     assert torch.equal(y_on, y_off)
-    assert g_on.keys() == g_off.keys() and any("mlp.0" in n for n in g_on)
+    assert g_on.keys() == g_off.keys() and any(watched in n for n in g_on)
     for name in g_on:
         assert torch.equal(g_on[name], g_off[name]), f"d{name} differs"
 
 
-def test_recompute_cross_attention_gives_the_same_values_and_gradients_bit_for_bit():
-    layout = dict(use_mamba=True, integration_mode="bidirectional", use_cross_attention=True,
-                  use_adaptive_gating=True)  # phase 4's: two cross-attentions per block
-    on = tiny_hybrid(**layout)
-    off = tiny_hybrid(**layout, recompute_cross_attention=False)
-    off.load_state_dict(on.state_dict())
-    assert on.blocks[0].cross_attn_back.recompute and not off.blocks[0].cross_attn_back.recompute
-    x = tokens()
-    (y_on, g_on), (y_off, g_off) = _values_and_grads(on, x), _values_and_grads(off, x)
-    assert torch.equal(y_on, y_off)
-    assert g_on.keys() == g_off.keys() and any("cross_attn_back.q" in n for n in g_on)
-    for name in g_on:
-        assert torch.equal(g_on[name], g_off[name]), f"d{name} differs"
+def test_recompute_cross_attention_reaches_every_cross_attention():
+    from model.fusion import CausalCrossAttention
+
+    for flag in (True, False):
+        model = tiny_hybrid(**PHASE_4_LAYOUT, recompute_cross_attention=flag)
+        attns = [m for m in model.modules() if isinstance(m, CausalCrossAttention)]
+        assert len(attns) == 2 * model.cfg.num_layers and all(a.recompute is flag for a in attns)
 
 
 def test_recompute_mlp_keeps_only_the_mlps_input_for_the_backward():
