@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import os
 import socket
@@ -18,6 +19,9 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, argv: list[str], dump: str, codes) -> None:
+    # a rank that dies on a signal (a SIGABRT from a C++ thread, say) prints every thread's
+    # Python stack: the spawned process has none of pytest's faulthandler
+    faulthandler.enable(all_threads=True)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
