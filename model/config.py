@@ -127,7 +127,7 @@ class ModelConfig:
     cross_attn_heads: int = 4
     """Heads of the cross-attention; hidden_dim must divide by it."""
     recompute_cross_attention: bool = True
-    """Recompute the cross-attention's projections and attention in the backward instead of keeping them."""
+    """Recompute the cross-attention's norms and projections in the backward; its attention's outputs are kept."""
 
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Not a flag: free-form notes carried into checkpoints (e.g. the tokenizer name)."""
