@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import gc
 import io
 import os
 import socket
@@ -26,23 +27,30 @@ def _worker(rank: int, world: int, port: int, argv: list[str], dump: str, codes)
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from stability.cli import build_parser, resolve
-    from stability.distributed import full, setup, teardown
-    from stability.run import EXIT_BAD_INPUT, BadInput, Run
+    from stability.distributed import setup, teardown
 
     spec = resolve(build_parser().parse_args(["train", *argv]))
     d = setup(spec.train.distributed, spec.train.device)
     try:
-        job = Run(spec, io.StringIO(), dist=d)
-        try:
-            job.setup()
-        except BadInput as e:  # as lsnn's main() reports it
-            codes[rank] = (EXIT_BAD_INPUT, str(e))
-            return
-        codes[rank] = job.fit()
-        weights = {k: full(v).detach().cpu().clone() for k, v in job.model.state_dict().items()}
-        torch.save(weights, Path(dump) / f"rank{rank}.pt")
+        codes[rank] = _train(spec, d, rank, dump)
     finally:
         teardown(d)
+        gc.collect()  # the run's cycles, as lsnn's main frees them: not left to the exit
+
+
+def _train(spec, d, rank: int, dump: str):
+    from stability.distributed import full
+    from stability.run import EXIT_BAD_INPUT, BadInput, Run
+
+    job = Run(spec, io.StringIO(), dist=d)
+    try:
+        job.setup()
+    except BadInput as e:  # as lsnn's main() reports it
+        return (EXIT_BAD_INPUT, str(e))
+    code = job.fit()
+    weights = {k: full(v).detach().cpu().clone() for k, v in job.model.state_dict().items()}
+    torch.save(weights, Path(dump) / f"rank{rank}.pt")
+    return code
 
 
 def run_ranks(argv: list[str], dump: Path, world: int = 2) -> list[int]:
