@@ -25,6 +25,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.flops import count_flops
 from model import HybridLM, ModelConfig
 from stability.cli import PHASES
 from stability.config import GuardConfig, PlasticityConfig, TrainConfig
@@ -85,6 +86,18 @@ class TransformerLM(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embedding(tokens) + self.pos[: tokens.shape[1]]
         return self.head(self.norm(self.encoder(h, mask=self.mask, is_causal=True)))
+
+
+def machine() -> dict[str, object]:
+    """What a ratio was measured on: the ratios move with the CPU (its vector width) and
+    the thread count (the Transformer's products scale with threads, the recurrences less)."""
+    cpu = "unknown"
+    if DEVICE.type == "cuda":
+        cpu = torch.cuda.get_device_name()
+    elif os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {"device": str(DEVICE), "processor": cpu, "threads": torch.get_num_threads()}
 
 
 def _sync() -> None:
@@ -213,15 +226,19 @@ def peak_step_memory(step) -> int:
 @pytest.mark.parametrize("scan_impl", SCAN_IMPLS)
 @pytest.mark.parametrize("phase", [1, 2, 3, 4])
 def test_paired_ratio(benchmark, phase, scan_impl):
-    """Hybrid step / Transformer step at the phase's shape, paired round by round, and the
-    two steps' peak memory."""
+    """Hybrid step / Transformer step at the phase's shape, paired round by round; the two
+    steps' peak memory; their counted FLOPs (matrix products, convolutions, attention;
+    ``benchmarks.flops``), whose ratio is the time ratio the hybrid would have if both ran
+    their products equally fast and the rest (the scan, the recurrences) cost nothing."""
     benchmark.group = f"phase {phase}, paired" + ("" if scan_impl == "auto" else f", scan {scan_impl}")
     hybrid, train = hybrid_step(phase, scan_impl=scan_impl)
     transformer, _ = transformer_step(phase)
     q1, median, q3 = bench_paired(benchmark, hybrid, transformer, rounds=PAIRED_ROUNDS[phase])
     mem_h, mem_t = peak_step_memory(hybrid), peak_step_memory(transformer)
+    flop_h, flop_t = count_flops(hybrid)["total"], count_flops(transformer)["total"]
     benchmark.extra_info.update(
-        hybrid_over_transformer_median=median, quartiles=[q1, q3], device=str(DEVICE), amp=AMP or "off",
+        gflop_hybrid=flop_h / 1e9, gflop_transformer=flop_t / 1e9, flop_ratio=flop_h / flop_t,
+        hybrid_over_transformer_median=median, quartiles=[q1, q3], amp=AMP or "off", **machine(),
         tokens_per_step=train.batch_size * train.sequence_length,
         peak_mb_hybrid=mem_h / 2**20, peak_mb_transformer=mem_t / 2**20, peak_memory_ratio=mem_h / mem_t,
     )
@@ -240,6 +257,6 @@ def test_scaling(benchmark, phase, length):
     transformer, _ = transformer_step(phase, length=length)
     q1, median, q3 = bench_paired(benchmark, hybrid, transformer, rounds=SCALING_ROUNDS[length], warmup=1)
     benchmark.extra_info.update(
-        length=length, hybrid_over_transformer_median=median, quartiles=[q1, q3], device=str(DEVICE),
+        length=length, hybrid_over_transformer_median=median, quartiles=[q1, q3], **machine(),
         tokens_per_step=train.batch_size * length,
     )

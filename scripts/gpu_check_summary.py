@@ -57,6 +57,7 @@ def _benchmarks(out: Path) -> list[dict] | None:
             "quartiles": info.get("quartiles"),
             "peak_mb_hybrid": info.get("peak_mb_hybrid"), "peak_mb_transformer": info.get("peak_mb_transformer"),
             "peak_memory_ratio": info.get("peak_memory_ratio"), "amp": info.get("amp"),
+            "flop_ratio": info.get("flop_ratio"), "threads": info.get("threads"),
         })
     return rows
 
@@ -99,13 +100,14 @@ def markdown(summary: dict) -> str:
     if summary["benchmarks"] is None:
         lines.append("no benchmark JSON")
     else:
-        lines += ["| benchmark | time ratio (median) | quartiles | peak MB hybrid | peak MB Transformer | memory ratio |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| benchmark | time ratio (median) | quartiles | FLOP ratio | peak MB hybrid | peak MB Transformer "
+                  "| memory ratio |",
+                  "|---|---|---|---|---|---|---|"]
         for b in summary["benchmarks"]:
             q = b["quartiles"] or [None, None]
             lines.append(
                 f"| {b['name']} | {_fmt(b['hybrid_over_transformer_median'])}x | {_fmt(q[0])}-{_fmt(q[1])} | "
-                f"{_fmt(b['peak_mb_hybrid'], '.0f')} | {_fmt(b['peak_mb_transformer'], '.0f')} | "
+                f"{_fmt(b['flop_ratio'])}x | {_fmt(b['peak_mb_hybrid'], '.0f')} | {_fmt(b['peak_mb_transformer'], '.0f')} | "
                 f"{_fmt(b['peak_memory_ratio'])}x |"
             )
     train = summary["train"]

@@ -87,7 +87,7 @@ def _fake_run(out: Path) -> None:
     bench = {"benchmarks": [{"name": "test_paired_ratio[3-triton]", "group": "phase 3, paired, scan triton",
                              "extra_info": {"hybrid_over_transformer_median": 1.42, "quartiles": [1.3, 1.5],
                                             "peak_mb_hybrid": 300.0, "peak_mb_transformer": 250.0,
-                                            "peak_memory_ratio": 1.2, "amp": "bf16"}}]}
+                                            "peak_memory_ratio": 1.2, "amp": "bf16", "flop_ratio": 1.69}}]}
     (out / "bench-phases.json").write_text(json.dumps(bench))
     (out / "train-phase1").mkdir()
     (out / "train-phase1" / "metrics.jsonl").write_text(
@@ -110,6 +110,6 @@ def test_summary_reads_the_reports_a_real_run_leaves(tmp_path):
     assert summary["benchmarks"][0]["hybrid_over_transformer_median"] == 1.42
     assert summary["train"]["first"]["loss"] == 9.0 and summary["train"]["last"]["step"] == 200
     md = (out / "summary.md").read_text()
-    for part in ("| gpu-tests | failed | 95 |", "3 passed, 1 failed", "test_paired_ratio[3-triton] | 1.42x | 1.30-1.50",
+    for part in ("| gpu-tests | failed | 95 |", "3 passed, 1 failed", "test_paired_ratio[3-triton] | 1.42x | 1.30-1.50 | 1.69x",
                  "| 300 | 250 | 1.20x |", "loss 9.000 at step 1 -> 5.500 at step 200"):
         assert part in md, f"{part!r} missing from:\n{md}"
