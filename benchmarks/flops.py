@@ -20,13 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import (
-    FlopCounterMode,
-    conv_flop_count,
-    get_shape,
-    sdpa_backward_flop_count,
-    sdpa_flop_count,
-)
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, get_shape, sdpa_backward_flop, sdpa_flop
 
 aten = torch.ops.aten
 
@@ -44,19 +38,12 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding,
     return flops
 
 
-def cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                            **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
 CORRECTIONS = {
     aten.convolution_backward: conv_backward_flops,
-    aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa_flops,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward_flops,
+    # torch's own SDPA formulas (the shape-level functions its registry wraps): the CPU kernels
+    # take q, k, v, and the backward grad_out before them, in the places the CUDA ones do
+    aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop.__wrapped__,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward_flop.__wrapped__,
 }
 
 
