@@ -25,7 +25,7 @@ def relative_paths() -> st.SearchStrategy[list[str]]:
     return st.lists(path, min_size=2, max_size=40, unique=True)
 
 
-TRANSIENT_SITES = ("loss", "grad", "activation[blocks.0]", "grad[blocks.1]", "overflow")
+TRANSIENT_SITES = ("loss", "grad", "activation[blocks.0]", "activation", "grad[blocks.1]", "overflow")
 FAULT_KINDS = ("nan", "inf", "-inf")
 
 

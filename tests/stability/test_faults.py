@@ -77,6 +77,25 @@ def test_activation_fault_corrupts_the_module_output_in_training_only():
     assert torch.isfinite(model(torch.zeros(1, 3, dtype=torch.long))).all()
 
 
+@pytest.mark.parametrize("return_aux", [False, True])
+def test_an_untargeted_activation_fault_corrupts_the_models_logits(return_aux):
+    """``activation:KIND@N`` names no module: it corrupts the model's output, the logits,
+    whether the model returns them alone or inside its output with the blocks' internals
+    (as the trainer asks for), and leaves the rest of that output as it was."""
+    model = TinyLM()
+    tokens = torch.zeros(1, 3, dtype=torch.long)
+    clean = model(tokens, return_aux=return_aux)
+    inj = FaultInjector(parse_faults("activation:nan@1"), model)
+    inj.begin_step(1)
+    out = model(tokens, return_aux=return_aux)
+    logits = out.logits if return_aux else out
+    assert torch.isnan(logits).any()
+    if return_aux:
+        assert type(out) is type(clean) and out.blocks == clean.blocks
+    inj.remove()
+    assert torch.isfinite(model(tokens)).all()
+
+
 def test_param_fault_corrupts_a_weight_before_the_step():
     model = TinyLM()
     inj = FaultInjector(parse_faults("param[head]:nan@2"), model)

@@ -62,9 +62,10 @@ def run_twins(site: str, kind: str, at: int, n: int = 6, hybrid: bool | dict = F
     return treated, control
 
 
-# the loss, every gradient group (each block, the shared head) and every block's activations
+# the loss, every gradient group (each block, the shared head), every block's activations and
+# the model's output (an untargeted activation fault: the logits)
 SITES = ["loss", "grad", "grad[blocks.0]", "grad[blocks.1]", "grad[head]", "activation[blocks.0]",
-         "activation[blocks.1]"]
+         "activation[blocks.1]", "activation"]
 
 
 @pytest.mark.parametrize("site", SITES)
@@ -104,6 +105,9 @@ def test_skipped_step_leaves_no_trace_in_the_hybrid_model(kind):
     assert_same_state(treated, control)
     treated, control = run_twins("grad[blocks.1.liquid]", kind, 3, n=4, hybrid=True)
     assert_same_state(treated, control)
+    treated, control = run_twins("activation", kind, 2, n=3, hybrid=True)  # HybridLM's output: the logits
+    assert_same_state(treated, control)
+    assert treated.guard.read()["skips"]["nonfinite_loss"] == 1
 
 
 def test_unguarded_step_is_corrupted_by_the_same_fault():
