@@ -7,6 +7,7 @@ A plan is a comma list of faults (``--inject-fault``):
     grad:inf@50                   every gradient gets an inf after step 50's backward pass
     grad[blocks.1.mamba]:nan@30   only the gradients of parameters under that module
     activation[blocks.0]:inf@10   a forward hook corrupts that module's output at step 10
+    activation:nan@10             ... the model's output, its logits
     param:nan@60                  a weight becomes NaN before step 60 (persists until rollback)
     plasticity:nan@40             the out-of-optimizer (STDP) update of step 40
     overflow@5-20                 an fp16 overflow storm: inf gradients on steps 5..20
@@ -24,6 +25,7 @@ fault that fired, for tests and the drill.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -190,6 +192,9 @@ class FaultInjector:
                 return corrupt(output, fault.kind)
             if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
                 return (corrupt(output[0], fault.kind), *output[1:])
+            if dataclasses.is_dataclass(output) and isinstance(getattr(output, "logits", None), torch.Tensor):
+                # a model's output with its internals (HybridOutput): the logits
+                return dataclasses.replace(output, logits=corrupt(output.logits, fault.kind))
             raise FaultSpecError(f"--inject-fault: {fault}: module output is not a tensor")
         return hook
 

@@ -68,8 +68,11 @@ SITES = ["loss", "grad", "grad[blocks.0]", "grad[blocks.1]", "grad[head]", "acti
          "activation[blocks.1]", "activation"]
 
 
-@pytest.mark.parametrize("site", SITES)
-@pytest.mark.parametrize("kind", ["nan", "inf", "-inf"])
+# a -inf logit is a masked one: the loss and its gradients stay finite (see below)
+FAULTS = [(site, kind) for site in SITES for kind in ("nan", "inf", "-inf") if (site, kind) != ("activation", "-inf")]
+
+
+@pytest.mark.parametrize("site,kind", FAULTS)
 @pytest.mark.parametrize("at", [1, 3])
 def test_skipped_step_leaves_no_trace_fp32(site, kind, at):
     treated, control = run_twins(site, kind, at)
@@ -78,6 +81,16 @@ def test_skipped_step_leaves_no_trace_fp32(site, kind, at):
     assert sum(v for k, v in counters["skips"].items() if k != "ok") == 1
     expected = ("nonfinite_grad" if kind == "nan" else "overflow") if site.startswith("grad") else "nonfinite_loss"
     assert counters["skips"][expected] == 1
+
+
+def test_a_minus_inf_logit_is_a_step_taken_not_a_fault():
+    """``activation:-inf`` on the model's output sets one logit to -inf: softmax gives that
+    token probability 0, and the loss and every gradient stay finite (unless it was the
+    target), so the guard must take the step rather than skip it."""
+    treated, control = run_twins("activation", "-inf", 3)
+    assert treated.guard.read()["skips"]["ok"] == 6
+    assert treated.guard.read()["good_steps"] == control.guard.read()["good_steps"] + 1
+    assert all(torch.isfinite(p).all() for p in treated.model.parameters())
 
 
 def test_spike_under_skip_policy_leaves_no_trace():
