@@ -96,6 +96,15 @@ def test_an_untargeted_activation_fault_corrupts_the_models_logits(return_aux):
     assert torch.isfinite(model(tokens)).all()
 
 
+def test_every_untargeted_activation_fault_of_a_plan_fires():
+    model = TinyLM()
+    inj = FaultInjector(parse_faults("activation:nan@1,activation:inf@2"), model)
+    for attempt, check in ((1, torch.isnan), (2, torch.isinf)):
+        inj.begin_step(attempt)
+        assert check(model(torch.zeros(1, 3, dtype=torch.long))).any(), f"the fault of step {attempt} did not fire"
+    assert [(a, f.kind) for a, f in inj.fired] == [(1, "nan"), (2, "inf")]
+
+
 def test_param_fault_corrupts_a_weight_before_the_step():
     model = TinyLM()
     inj = FaultInjector(parse_faults("param[head]:nan@2"), model)
