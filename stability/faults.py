@@ -162,6 +162,8 @@ class FaultInjector:
         self._hooks = []
         for f in self.faults:
             if f.target is None:
+                if f.site == "activation":  # the model's output
+                    self._hooks.append(self.model.register_forward_hook(self._activation_hook(f)))
                 continue
             known = modules if f.site == "activation" else {**modules, **params}
             if f.target not in known:
@@ -174,9 +176,6 @@ class FaultInjector:
                         f"--inject-fault: {f}: the forward of {f.target} never runs ({parent} uses its weights "
                         f"directly), so nothing would be injected; target {parent} or another of its layers")
                 self._hooks.append(modules[f.target].register_forward_hook(self._activation_hook(f)))
-        if any(f.site == "activation" and f.target is None for f in self.faults):
-            self._hooks.append(self.model.register_forward_hook(self._activation_hook(
-                next(f for f in self.faults if f.site == "activation" and f.target is None))))
 
     def _fire(self, fault: Fault, micro: int | None = None) -> bool:
         if fault.active(self.attempt, micro if fault.micro is not None else None):
