@@ -397,3 +397,16 @@ def test_logits_are_freed_before_the_backward(hybrid, accum):
     t.train_step(batches(accum))
     assert len(alive) == accum and len(seen_in_backward) == accum
     assert not any(seen_in_backward), "a micro-batch's logits were still referenced during a backward"
+
+
+@pytest.mark.parametrize("micro", [0, 1])
+def test_an_activation_fault_fires_in_its_micro_batch_only(micro):
+    """``activation[...]:KIND@N:M`` corrupts micro-batch M of step N's window, once: the
+    hook must know which micro-batch is running its forward pass."""
+    plan = f"activation[blocks.0]:nan@2:{micro}"
+    t = make(plan, accum=2)
+    data = batches(6)
+    for i in range(3):
+        t.train_step([data[2 * i], data[2 * i + 1]])
+    assert [(attempt, str(f)) for attempt, f in t.injector.fired] == [(2, plan)]
+    assert t.guard.read()["skips"]["nonfinite_loss"] == 1
