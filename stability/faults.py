@@ -211,6 +211,11 @@ class FaultInjector:
                     name, p = next((n, p) for n, p in self.model.named_parameters() if _under(n, f.target))
                     corrupt_(p, f.kind)
 
+    def begin_micro(self, micro: int) -> None:
+        """Called before the forward pass of micro-batch ``micro`` of the window: the
+        activation hooks fire in the micro-batch a fault names."""
+        self.micro = micro
+
     def on_loss(self, loss: torch.Tensor, micro: int) -> torch.Tensor:
         self.micro = micro
         for f in self.faults:

@@ -237,6 +237,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
         for micro, (x, y) in enumerate(batches):
+            if self.injector:
+                self.injector.begin_micro(micro)
             with self._gradient_sync(last=micro == len(batches) - 1):
                 with self.autocast():
                     out = self.wrapped(x, return_aux=True)
