@@ -71,6 +71,8 @@ class ModelConfig:
     """Width of each block's feed-forward layer as a multiple of hidden_dim; 0 removes it."""
     recompute_mlp: bool = True
     """Recompute the feed-forward layer's hidden activations in the backward instead of keeping them."""
+    chunked_loss: bool = True
+    """Compute the LM head and the training loss a chunk of tokens at a time, never the whole (tokens x vocab) logits."""
     dropout: float = 0.0
     """Dropout on each block's residual branches."""
     tie_embeddings: bool = True

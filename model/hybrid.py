@@ -36,6 +36,7 @@ from torch import nn
 from model.config import INTEGRATION_MODES, ModelConfig
 from model.fusion import BranchMixer, CausalCrossAttention
 from model.liquid import LiquidLayer
+from model.loss import IGNORE_INDEX, linear_cross_entropy
 from model.mamba import Mamba
 from model.spiking import SpikeTrace, SpikingPath
 
@@ -50,8 +51,9 @@ class BlockAux:
 
 @dataclass
 class HybridOutput:
-    logits: torch.Tensor  # b l v
+    logits: torch.Tensor | None  # b l v; None where the loss was computed without them
     blocks: list[BlockAux]
+    loss: torch.Tensor | None = None  # () the mean next-token loss, when targets were given
 
 
 def _linear(d_in: int, d_out: int, std: float, bias: bool = True) -> nn.Linear:
@@ -245,19 +247,36 @@ class HybridLM(nn.Module):
         else:
             nn.init.zeros_(self.head.weight)
 
-    def forward(self, tokens: torch.Tensor, return_aux: bool = False) -> torch.Tensor | HybridOutput:
+    def forward(self, tokens: torch.Tensor, return_aux: bool = False,
+                targets: torch.Tensor | None = None) -> torch.Tensor | HybridOutput:
+        """Logits (b l v) of ``tokens`` (b l); with ``return_aux`` a ``HybridOutput`` with the
+        blocks' internals too. With ``targets`` (b l, -100 ignored) a ``HybridOutput`` whose
+        ``loss`` is the mean next-token cross-entropy (fp32): with --chunked-loss computed
+        from the final hidden states a chunk of tokens at a time (``model.loss``), and then
+        ``logits`` is None; without it, or while a forward hook watches the final norm or
+        the head (fault injection, the non-finite diagnosis), from the whole logits."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"tokens must be an integer tensor of shape (batch, length), got "
                 f"{tuple(tokens.shape)} {tokens.dtype}"
             )
+        if targets is not None and targets.shape != tokens.shape:
+            raise ValueError(f"targets must have the tokens' shape {tuple(tokens.shape)}, got {tuple(targets.shape)}")
         x = self.embedding(tokens)  # b l d
         aux = []
         for block in self.blocks:
             x, block_aux = block(x)
             aux.append(block_aux)
-        logits = self.head(self.norm(x))  # b l v
-        return HybridOutput(logits, aux) if return_aux else logits
+        if targets is None:
+            logits = self.head(self.norm(x))  # b l v
+            return HybridOutput(logits, aux) if return_aux else logits
+        watched = any(m._forward_hooks or m._forward_pre_hooks for m in (self.norm, self.head))
+        if self.cfg.chunked_loss and self.head.bias is None and not watched:
+            h = self.norm(x)
+            return HybridOutput(None, aux, linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten()))
+        logits = self.head(self.norm(x))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return HybridOutput(logits, aux, loss)
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by component (a tied head counts once, as embedding)."""

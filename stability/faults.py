@@ -177,6 +177,13 @@ class FaultInjector:
                         f"directly), so nothing would be injected; target {parent} or another of its layers")
                 self._hooks.append(modules[f.target].register_forward_hook(self._activation_hook(f)))
 
+    def corrupts_output(self) -> bool:
+        """Whether an untargeted activation fault corrupts the model's output, its logits, in
+        the coming forward pass (this attempt and micro-batch): the trainer then asks the
+        model for its logits, not only for its loss."""
+        return any(f.site == "activation" and f.target is None and f.active(self.attempt, self.micro)
+                   for f in self.faults)
+
     def _fire(self, fault: Fault, micro: int | None = None) -> bool:
         if fault.active(self.attempt, micro if fault.micro is not None else None):
             self.fired.append((self.attempt, fault))

@@ -145,6 +145,8 @@ def check_memory(spec: RunSpec, device: torch.device) -> None:
     if max(parts, key=parts.get).startswith("the logits"):
         flags = f"--batch-size {t.batch_size} x --sequence-length {t.sequence_length} x vocabulary {vocab}"
         fix = "lower --batch-size, --sequence-length or --vocab-size"
+        if not m.chunked_loss:
+            fix += ", or drop --no-chunked-loss (the loss then never holds the whole logits)"
     else:
         flags = f"--vocab-size {vocab} / --hidden-dim {m.hidden_dim} / --num-layers {m.num_layers}"
         fix = "lower --vocab-size, --hidden-dim or --num-layers"

@@ -79,14 +79,21 @@ def checkpoint_bytes(model_cfg, train_cfg: TrainConfig) -> int:
 
 def estimate_training_bytes(model_cfg, train_cfg: TrainConfig) -> dict[str, int]:
     """What a training step holds, by part, before anything is allocated."""
+    from model.loss import chunk_rows
+
     vocab = estimate_vocab(train_cfg)
     params = count_parameters(model_cfg, train_cfg)
     fp32 = 4
+    tokens = train_cfg.batch_size * train_cfg.sequence_length
+    if model_cfg.chunked_loss:
+        # a chunk's fp32 logits and their log-softmax, and the head's gradient buffers (v d), (tokens d)
+        logits = 2 * fp32 * min(chunk_rows(vocab), tokens) * vocab + fp32 * (vocab + tokens) * model_cfg.hidden_dim
+    else:
+        logits = 3 * fp32 * tokens * vocab  # fp32 logits, their log-softmax and its gradient
     return {
         # weights, gradients, Adam's two moments, and the rollback snapshot of all three
         "weights, gradients, optimizer state and the rollback snapshot": 7 * fp32 * params,
-        # fp32 logits, their log-softmax and its gradient
-        "the logits of a micro-batch": 3 * fp32 * train_cfg.batch_size * train_cfg.sequence_length * vocab,
+        "the logits of a micro-batch": logits,
     }
 
 
@@ -207,6 +214,15 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _loss_in_model(self) -> bool:
+        """Whether the micro-batch asks the model for its loss (``HybridLM(x, targets=y)``,
+        which needs no (b l v) logits with --chunked-loss) rather than for its logits: not
+        for a model without that path, nor in the forward pass whose logits a fault corrupts."""
+        from model import HybridLM
+
+        corrupted = self.injector is not None and self.injector.corrupts_output()
+        return isinstance(self.model, HybridLM) and not corrupted
+
     def _gradient_sync(self, last: bool):
         """Gradients are reduced across ranks once per window: DDP's ``no_sync`` and FSDP2's
         ``set_requires_gradient_sync`` hold back every micro-batch but the last."""
@@ -241,8 +257,12 @@ class Trainer:
                 self.injector.begin_micro(micro)
             with self._gradient_sync(last=micro == len(batches) - 1):
                 with self.autocast():
-                    out = self.wrapped(x, return_aux=True)
-                    loss = lm_loss(out.logits, y)
+                    if self._loss_in_model():  # the model's loss, without the whole logits (--chunked-loss)
+                        out = self.wrapped(x, return_aux=True, targets=y)
+                        loss = out.loss
+                    else:
+                        out = self.wrapped(x, return_aux=True)
+                        loss = lm_loss(out.logits, y)
                 # keep the aux (plasticity's spikes), not the (b l v) logits: the loss's graph
                 # holds what the backward needs, and the logits would stay alive through it
                 blocks = out.blocks

@@ -1,0 +1,117 @@
+"""The language-model loss from the final hidden states: the LM head and the cross-entropy
+together, a chunk of tokens at a time, so the (tokens x vocabulary) logits never exist whole.
+
+``linear_cross_entropy_ref`` is the plain path, ``F.cross_entropy(F.linear(h, w).float(),
+y)``: it materialises the logits (fp32), their log-softmax, which autograd keeps for the
+backward, and then the logits' gradient, three (n v) tensors (b8 l256 v8192: 64 MB each,
+and at a 200k vocabulary 1.6 GB each). ``linear_cross_entropy`` computes the same mean and
+its gradients chunk by chunk in the forward (the way Liger-Kernel's fused linear
+cross-entropy and Apple's Cut Cross-Entropy avoid the logits): per chunk of rows it forms the
+chunk's logits, its loss, softmax minus one-hot, and from that the chunk's gradient of h and
+its share of the gradient of w; the backward only scales the two by the incoming gradient.
+What it keeps is one chunk's logits at a time, the gradient of h (n d) and of w (v d).
+The products are the plain path's three, the same FLOPs; the logits' elementwise work runs
+on a chunk that stays in cache instead of on fresh (n v) tensors.
+
+Shapes: n tokens (batch x length, flattened), d hidden, v vocabulary, r rows per chunk.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+IGNORE_INDEX = -100
+# rows per chunk: about 2M logits (8 MB in fp32), at least 128 rows so a large vocabulary
+# still gets products of a useful height
+_CHUNK_LOGITS = 2**21
+_MIN_ROWS = 128
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk for a vocabulary of ``vocab``."""
+    return max(_MIN_ROWS, _CHUNK_LOGITS // max(vocab, 1))
+
+
+def linear_cross_entropy_ref(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean cross-entropy of the logits ``h weight^T`` (fp32) against ``targets``, targets of
+    ``ignore_index`` left out: h (n d), weight (v d), targets (n) -> ()."""
+    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index)
+
+
+def _compute_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
+    """The products' dtype: autocast's where it is on (as ``F.linear`` would run), else the
+    wider of the two inputs'."""
+    kind = h.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return torch.promote_types(h.dtype, weight.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index: int, rows: int, need_grad: bool):  # type: ignore[override]
+        dt = _compute_dtype(h, weight)
+        acc = torch.promote_types(dt, torch.float32)  # the gradients' sums: fp32, or fp64 for fp64 inputs
+        with torch.autocast(h.device.type, enabled=False):
+            hc, wc = h.to(dt), weight.to(dt)
+            valid = targets != ignore_index
+            count = valid.sum()
+            # each row's weight in the mean: 1 / count, 0 for an ignored row
+            share = (valid / count).unsqueeze(1)  # (n 1)
+            picks = targets.masked_fill(~valid, 0).unsqueeze(1)  # (n 1)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_grad else None
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_grad else None
+            minus_one = torch.full((min(rows, h.shape[0]), 1), -1.0, device=h.device)  # fp32, as logp
+            chunks = zip(hc.split(rows), picks.split(rows), share.split(rows), valid.split(rows),
+                         grad_h.split(rows) if need_grad else itertools.repeat(None))
+            for h_r, pick, w_r, valid_r, grad_h_r in chunks:
+                logits = torch.mm(h_r, wc.t()).float()  # (r v)
+                total -= torch.where(valid_r, logits.log_softmax(1).gather(1, pick).squeeze(1), 0.0).sum()
+                if not need_grad:
+                    continue
+                # d loss / d logits = share * (softmax - one-hot), the share applied to the
+                # (r d) sides of the two products rather than to the (r v) chunk. softmax, not
+                # exp of the log-softmax: torch's CPU exp is ~35x slower where its result is
+                # subnormal (inputs below about -87), which a trained model's logits reach.
+                g = logits.softmax(1).scatter_add_(1, pick, minus_one[: len(pick)]).to(dt)  # (r v)
+                del logits
+                if dt == acc:  # straight into the buffers
+                    torch.mm(g, wc, out=grad_h_r).mul_(w_r)  # (r d)
+                    grad_w.addmm_(g.t(), h_r * w_r)  # (v d)
+                else:  # products in dt (bf16, fp16), as F.linear's backward would run them; sums in fp32
+                    grad_h_r.copy_(torch.mm(g, wc)).mul_(w_r)
+                    grad_w.add_(torch.mm(g.t(), h_r * w_r.to(dt)).float())
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return total / count  # no valid row: 0 / 0 = NaN, as F.cross_entropy's mean
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        gh = (grad_h * grad_loss).to(h_dtype) if ctx.needs_input_grad[0] else None
+        gw = (grad_w * grad_loss).to(w_dtype) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None, None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
+                         rows: int | None = None) -> Tensor:
+    """``linear_cross_entropy_ref`` without the whole logits: h (n d), weight (v d), targets
+    (n) -> the mean loss (), in fp32; ``rows`` per chunk (default ``chunk_rows(v)``). Not
+    twice differentiable. No host synchronisation: the chunks follow from the shapes."""
+    if h.dim() != 2 or weight.dim() != 2 or targets.shape != h.shape[:1] or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected h (n d), weight (v d), targets (n); got {tuple(h.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(targets.shape)}")
+    rows = chunk_rows(weight.shape[0]) if rows is None else rows
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, rows, need_grad)
