@@ -1,4 +1,4 @@
-"""FLOPs of one training step, counted by ``torch.utils.flop_counter`` with two fixes.
+"""FLOPs of one training step, counted by ``torch.utils.flop_counter`` with three fixes.
 
 ``FlopCounterMode`` counts the matrix products, convolutions and attention an op at a
 time (forward, backward, recomputation: whatever the step dispatches). It does not count
@@ -13,6 +13,9 @@ or missing for our steps, in torch 2.13:
 - The CPU's fused attention (``_scaled_dot_product_flash_attention_for_cpu`` and its
   backward) has no formula, so neither model's attention is counted on the CPU. It is
   counted here as torch counts the CUDA kernels: the full l x l product, causal or not.
+- The in-place product ``addmm_`` has no formula (the registry matches an op's overload
+  packet, and ``addmm_`` is a packet of its own): the CfC's per-token products and the
+  chunked loss's weight gradient accumulate with it. It is counted as ``addmm``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, get_shape, sdpa_backward_flop, sdpa_flop
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    addmm_flop,
+    conv_flop_count,
+    get_shape,
+    sdpa_backward_flop,
+    sdpa_flop,
+)
 
 aten = torch.ops.aten
 
@@ -40,6 +50,7 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding,
 
 CORRECTIONS = {
     aten.convolution_backward: conv_backward_flops,
+    aten.addmm_: addmm_flop.__wrapped__,
     # torch's own SDPA formulas (the shape-level functions its registry wraps): the CPU kernels
     # take q, k, v, and the backward grad_out before them, in the places the CUDA ones do
     aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop.__wrapped__,

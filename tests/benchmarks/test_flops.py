@@ -1,4 +1,4 @@
-"""The FLOP counts that benchmarks/README.md quotes: torch's counter, with two fixes."""
+"""The FLOP counts that benchmarks/README.md quotes: torch's counter, with three fixes."""
 
 from __future__ import annotations
 
@@ -47,3 +47,15 @@ def test_cpu_attention_is_counted():
         shape, shape, shape, shape)
     uncorrected = count_flops(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), corrected=False)
     assert uncorrected["total"] == 0
+
+
+def test_in_place_and_out_products_count_as_the_plain_ones():
+    """``addmm_`` (uncounted by torch: a packet of its own) and ``mm(out=)`` count as
+    ``addmm`` and ``mm``: 2 m k n each."""
+    m, k, n = 4, 8, 16
+    a, b, c = torch.randn(m, k), torch.randn(k, n), torch.randn(m, n)
+    plain = count_flops(lambda: (torch.addmm(c, a, b), torch.mm(a, b)))["total"]
+    assert plain == 2 * (2 * m * k * n)
+    assert count_flops(lambda: (c.clone().addmm_(a, b), torch.mm(a, b, out=torch.empty(m, n))))["total"] == plain
+    assert count_flops(lambda: c.clone().addmm_(a, b), corrected=False)["total"] == 0, (
+        "torch now counts addmm_: drop the correction")
