@@ -27,6 +27,7 @@ from torch import nn
 
 from benchmarks.flops import count_flops
 from model import HybridLM, ModelConfig
+from model.loss import linear_cross_entropy
 from stability.cli import PHASES
 from stability.config import GuardConfig, PlasticityConfig, TrainConfig
 from stability.trainer import Trainer, lm_loss
@@ -83,9 +84,13 @@ class TransformerLM(nn.Module):
         self.head.weight = self.embedding.weight
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final normed hidden states (b l d), the head's input."""
         h = self.embedding(tokens) + self.pos[: tokens.shape[1]]
-        return self.head(self.norm(self.encoder(h, mask=self.mask, is_causal=True)))
+        return self.norm(self.encoder(h, mask=self.mask, is_causal=True))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(tokens))
 
 
 def machine() -> dict[str, object]:
@@ -133,7 +138,9 @@ def hybrid_step(phase: int, guard: bool = True, scan_impl: str = "auto", length:
     return step, train
 
 
-def transformer_step(phase: int, length: int | None = None):
+def transformer_step(phase: int, length: int | None = None, chunked_loss: bool = False):
+    """The baseline's step, with the loss as its users would write it (``F.cross_entropy`` of
+    the logits) or, ``chunked_loss``, with lsnn's chunked loss (``model.loss``)."""
     model_cfg, train, _ = phase_configs(phase, length)
     torch.manual_seed(0)
     model = TransformerLM(VOCAB, model_cfg.hidden_dim, model_cfg.num_layers, train.sequence_length).to(DEVICE)
@@ -143,7 +150,10 @@ def transformer_step(phase: int, length: int | None = None):
 
     def step():
         with torch.autocast(DEVICE.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = lm_loss(model(x), y)
+            if chunked_loss:
+                loss = linear_cross_entropy(model.hidden(x).flatten(0, 1), model.head.weight, y.flatten())
+            else:
+                loss = lm_loss(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -241,6 +251,24 @@ def test_paired_ratio(benchmark, phase, scan_impl):
         hybrid_over_transformer_median=median, quartiles=[q1, q3], amp=AMP or "off", **machine(),
         tokens_per_step=train.batch_size * train.sequence_length,
         peak_mb_hybrid=mem_h / 2**20, peak_mb_transformer=mem_t / 2**20, peak_memory_ratio=mem_h / mem_t,
+    )
+
+
+@pytest.mark.parametrize("phase", [1, 2, 3, 4])
+def test_chunked_loss_alone(benchmark, phase):
+    """What --chunked-loss is worth by itself: the Transformer baseline's step with lsnn's
+    chunked loss over the same step with its plain one, paired; and their peak memory. The
+    hybrid's paired ratio uses the chunked loss (its default) against the plain baseline, so
+    this ratio is the part of that ratio the loss accounts for."""
+    benchmark.group = f"phase {phase}, chunked loss"
+    chunked, train = transformer_step(phase, chunked_loss=True)
+    plain, _ = transformer_step(phase)
+    q1, median, q3 = bench_paired(benchmark, chunked, plain, rounds=PAIRED_ROUNDS[phase])
+    mem_c, mem_p = peak_step_memory(chunked), peak_step_memory(plain)
+    benchmark.extra_info.update(
+        chunked_over_plain_median=median, quartiles=[q1, q3], amp=AMP or "off", **machine(),
+        tokens_per_step=train.batch_size * train.sequence_length,
+        peak_mb_chunked=mem_c / 2**20, peak_mb_plain=mem_p / 2**20, peak_memory_ratio=mem_c / mem_p,
     )
 
 
