@@ -91,6 +91,19 @@ def test_under_bf16_autocast_it_follows_the_plain_path_at_bf16_tolerance():
     assert not torch.equal(actual[0], fp32[0])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_on_cuda_it_follows_the_plain_path(amp):
+    """The CUDA products (and, under autocast, their bf16/fp16 inputs), several chunks."""
+    h, w, y = (t.cuda() for t in inputs(300, 64, 1000))
+    with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+        expected = loss_and_grads(linear_cross_entropy_ref, h, w, y)
+        actual = loss_and_grads(linear_cross_entropy, h, w, y, rows=128)
+    for a, e, what in zip(actual, expected, ("loss", "d h", "d w")):
+        assert a.dtype == e.dtype, what
+        assert_close(a, e, dtype=amp or torch.float32, scale=2.0, msg=what)
+
+
 def test_without_autograd_it_returns_the_loss_and_keeps_nothing():
     h, w, y = inputs(20, 8, 30)
     with torch.no_grad():
