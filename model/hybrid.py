@@ -54,6 +54,7 @@ class HybridOutput:
     logits: torch.Tensor | None  # b l v; None where the loss was computed without them
     blocks: list[BlockAux]
     loss: torch.Tensor | None = None  # () the mean next-token loss, when targets were given
+    hits: torch.Tensor | None = None  # () int64 targets that are their row's argmax, in evaluation (no autograd)
 
 
 def _linear(d_in: int, d_out: int, std: float, bias: bool = True) -> nn.Linear:
@@ -251,10 +252,11 @@ class HybridLM(nn.Module):
                 targets: torch.Tensor | None = None) -> torch.Tensor | HybridOutput:
         """Logits (b l v) of ``tokens`` (b l); with ``return_aux`` a ``HybridOutput`` with the
         blocks' internals too. With ``targets`` (b l, -100 ignored) a ``HybridOutput`` whose
-        ``loss`` is the mean next-token cross-entropy (fp32): with --chunked-loss computed
-        from the final hidden states a chunk of tokens at a time (``model.loss``), and then
-        ``logits`` is None; without it, or while a forward hook watches the final norm or
-        the head (fault injection, the non-finite diagnosis), from the whole logits."""
+        ``loss`` is the mean next-token cross-entropy (fp32) and, without autograd
+        (evaluation), ``hits`` the number of targets that are the argmax: with --chunked-loss
+        computed from the final hidden states a chunk of tokens at a time (``model.loss``),
+        and then ``logits`` is None; without it, or while a forward hook watches the final
+        norm or the head (fault injection, the non-finite diagnosis), from the whole logits."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"tokens must be an integer tensor of shape (batch, length), got "
@@ -270,13 +272,17 @@ class HybridLM(nn.Module):
         if targets is None:
             logits = self.head(self.norm(x))  # b l v
             return HybridOutput(logits, aux) if return_aux else logits
+        counting = not torch.is_grad_enabled()
         watched = any(m._forward_hooks or m._forward_pre_hooks for m in (self.norm, self.head))
         if self.cfg.chunked_loss and self.head.bias is None and not watched:
-            h = self.norm(x)
-            return HybridOutput(None, aux, linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten()))
+            h = self.norm(x).flatten(0, 1)
+            loss, hits = linear_cross_entropy(h, self.head.weight, targets.flatten(), return_hits=True) \
+                if counting else (linear_cross_entropy(h, self.head.weight, targets.flatten()), None)
+            return HybridOutput(None, aux, loss, hits)
         logits = self.head(self.norm(x))
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return HybridOutput(logits, aux, loss)
+        hits = ((logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum() if counting else None
+        return HybridOutput(logits, aux, loss, hits)
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by component (a tied head counts once, as embedding)."""

@@ -54,7 +54,8 @@ def _compute_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index: int, rows: int, need_grad: bool):  # type: ignore[override]
+    def forward(ctx, h, weight, targets, ignore_index: int, rows: int,  # type: ignore[override]
+                need_grad: bool, count_hits: bool):
         dt = _compute_dtype(h, weight)
         acc = torch.promote_types(dt, torch.float32)  # the gradients' sums: fp32, or fp64 for fp64 inputs
         with torch.autocast(h.device.type, enabled=False):
@@ -65,6 +66,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             share = (valid / count).unsqueeze(1)  # (n 1)
             picks = targets.masked_fill(~valid, 0).unsqueeze(1)  # (n 1)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
+            hits = torch.zeros((), dtype=torch.int64, device=h.device)
             grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_grad else None
             grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_grad else None
             minus_one = torch.full((min(rows, h.shape[0]), 1), -1.0, device=h.device)  # fp32, as logp
@@ -73,6 +75,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for h_r, pick, w_r, valid_r, grad_h_r in chunks:
                 logits = torch.mm(h_r, wc.t()).float()  # (r v)
                 total -= torch.where(valid_r, logits.log_softmax(1).gather(1, pick).squeeze(1), 0.0).sum()
+                if count_hits:  # targets that are their row's argmax (first of ties, as argmax)
+                    hits += ((logits.argmax(1, keepdim=True) == pick).squeeze(1) & valid_r).sum()
                 if not need_grad:
                     continue
                 # d loss / d logits = share * (softmax - one-hot), the share applied to the
@@ -90,23 +94,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h.dtype, weight.dtype)
-        return total / count  # no valid row: 0 / 0 = NaN, as F.cross_entropy's mean
+        ctx.mark_non_differentiable(hits)
+        return total / count, hits  # no valid row: 0 / 0 = NaN, as F.cross_entropy's mean
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss):  # type: ignore[override]
+    def backward(ctx, grad_loss, _grad_hits):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         gh = (grad_h * grad_loss).to(h_dtype) if ctx.needs_input_grad[0] else None
         gw = (grad_w * grad_loss).to(w_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
-                         rows: int | None = None) -> Tensor:
+                         rows: int | None = None, return_hits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """``linear_cross_entropy_ref`` without the whole logits: h (n d), weight (v d), targets
-    (n) -> the mean loss (), in fp32; ``rows`` per chunk (default ``chunk_rows(v)``). Not
-    twice differentiable. No host synchronisation: the chunks follow from the shapes."""
+    (n) -> the mean loss (), in fp32; ``rows`` per chunk (default ``chunk_rows(v)``). With
+    ``return_hits`` also the number of counted targets that are their row's argmax (int64,
+    for accuracy; one more pass over each chunk). Not twice differentiable. No host
+    synchronisation: the chunks follow from the shapes."""
     if h.dim() != 2 or weight.dim() != 2 or targets.shape != h.shape[:1] or h.shape[1] != weight.shape[1]:
         raise ValueError(f"expected h (n d), weight (v d), targets (n); got {tuple(h.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")
@@ -114,4 +121,5 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_inde
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, rows, need_grad)
+    loss, hits = _LinearCrossEntropy.apply(h, weight, targets, ignore_index, rows, need_grad, return_hits)
+    return (loss, hits) if return_hits else loss

@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from model import HybridLM
 from stability.artifacts import ArtifactError, RunArtifacts
 from stability.data import (
     DEFAULT_VAL_FRACTION,
-    IGNORE_INDEX,
     DataError,
     Document,
     TokenBatches,
@@ -33,6 +31,7 @@ from stability.data import (
 )
 from stability.stream import _mode_accuracy
 from stability.tokenizers import encode_documents
+from stability.trainer import next_token_sums
 
 
 def eval_documents(path: str | Path) -> list[Document]:
@@ -82,13 +81,10 @@ def evaluate(model: HybridLM, batches, device: torch.device | str = "cpu") -> di
     the same sums as ``Trainer.evaluate``."""
     total, correct, count = 0.0, 0, 0
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        logits = model(x)  # b l v
-        mask = y != IGNORE_INDEX
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        total += float(ce.double())  # host sync per batch: evaluation, not the training loop
-        correct += int(((logits.argmax(-1) == y) & mask).sum())
-        count += int(mask.sum())
+        batch_total, batch_hits, batch_count = next_token_sums(model, x.to(device), y.to(device))
+        total += float(batch_total)  # host sync per batch: evaluation, not the training loop
+        correct += int(batch_hits)
+        count += int(batch_count)
     if count == 0:
         raise DataError("the evaluation text has no token to predict; give more text")
     loss = total / count

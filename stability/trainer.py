@@ -118,6 +118,25 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
+def next_token_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Evaluation's sums over one batch, on the device: the summed next-token loss (fp64),
+    the targets that are the argmax, and the targets counted (-100 ignored). From the
+    model's own loss where it has one (``HybridLM(x, targets=y)``: with --chunked-loss no
+    (b l v) logits, which at a large vocabulary would make validation the run's peak);
+    else from the logits. Call without autograd."""
+    from model import HybridLM
+
+    count = (y != -100).sum()
+    if isinstance(model, HybridLM):
+        out = model(x, targets=y)
+        # a batch of padding only has a NaN mean (0 / 0) and adds nothing
+        total = torch.where(count > 0, out.loss.double() * count, 0.0)
+        return total, out.hits, count
+    logits = model(x)  # b l v
+    total = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
+    return total.double(), ((logits.argmax(-1) == y) & (y != -100)).sum(), count
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """One group per block and per decay/no-decay, so meta-plasticity can scale each
     block's learning rate; biases, norms and parameters marked ``_no_weight_decay``
@@ -354,12 +373,10 @@ class Trainer:
             if x.shape[0] == 0:  # this rank's slice of a last, short batch
                 continue
             with self.autocast():
-                logits = self.model(x)  # under FSDP2 the model is its sharded self
-            mask = y != -100
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
-            total += ce.double()
-            correct += ((logits.argmax(-1) == y) & mask).sum()
-            count += mask.sum()
+                batch_total, batch_hits, batch_count = next_token_sums(self.model, x, y)  # FSDP2: its sharded self
+            total += batch_total
+            correct += batch_hits
+            count += batch_count
         self.model.train()
         sums = all_reduce_(self.dist, torch.stack([total, correct.double(), count.double()]))  # over every rank
         total_f, correct_i, count_i = sums.tolist()  # host sync

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -223,3 +224,39 @@ def test_a_training_step_with_chunked_loss_never_makes_the_logits(monkeypatch, c
     for a, e in zip(params, plain_params):
         assert_close(a, e, scale=10.0)
 
+
+
+def test_hits_count_the_targets_that_are_their_rows_argmax():
+    h, w, y = inputs(90, 8, 12, ignored=0.3)  # a small vocabulary: many hits
+    expected = ((F.linear(h, w).argmax(1) == y) & (y != IGNORE_INDEX)).sum()
+    loss, hits = linear_cross_entropy(h, w, y, rows=16, return_hits=True)
+    assert hits.dtype == torch.int64 and int(hits) == int(expected) > 0
+    assert_close(loss, linear_cross_entropy_ref(h, w, y))
+
+
+def test_evaluation_never_makes_the_logits_and_agrees_with_the_plain_path(monkeypatch):
+    """Validation with --chunked-loss: the same loss and accuracy as from the whole logits,
+    a batch of padding only adding nothing, and no (b l v) tensor (else validation, not
+    training, would set a large vocabulary's peak)."""
+    import model.loss
+    from stability.config import GuardConfig, TrainConfig
+    from stability.evaluation import evaluate
+    from stability.trainer import Trainer
+    from tests.tiny import batches, tiny_hybrid
+
+    monkeypatch.setattr(model.loss, "_CHUNK_LOGITS", 16 * 96)
+    monkeypatch.setattr(model.loss, "_MIN_ROWS", 1)
+    data = batches(3, vocab=96, b=2, l=40)
+    data.append((data[0][0], torch.full_like(data[0][1], IGNORE_INDEX)))  # padding only
+    results = {}
+    for chunked in (True, False):
+        net = tiny_hybrid(chunked_loss=chunked, vocab_size=96)
+        t = Trainer(net, TrainConfig(), GuardConfig(), torch.device("cpu"), total_steps=10)
+        with LargestTensor() as seen:
+            results[chunked] = (t.evaluate(data), evaluate(net, data))
+        assert (seen.largest < 2 * 40 * 96) == chunked, f"largest tensor {seen.largest} elements"
+    (trainer_c, lsnn_eval_c), (trainer_p, lsnn_eval_p) = results[True], results[False]
+    assert trainer_c["val_acc"] == trainer_p["val_acc"] and lsnn_eval_c["accuracy"] == lsnn_eval_p["accuracy"]
+    assert trainer_c["val_loss"] == pytest.approx(trainer_p["val_loss"], rel=1e-6)
+    assert lsnn_eval_c["loss"] == pytest.approx(trainer_c["val_loss"], rel=1e-6)
+    assert lsnn_eval_c["tokens"] == 3 * 2 * 40
