@@ -59,7 +59,8 @@ class EWC:
         return 0.5 * self.strength * (self.C + full(terms))  # FSDP2: one reduction over the shards
 
     def consolidate(self, model: nn.Module, batches: list[Batch], loss_fn: Callable, autocast) -> int:
-        """Estimate task k's diagonal Fisher on ``batches`` and fold it into the penalty.
+        """Estimate task k's diagonal Fisher on ``batches`` and fold it into the penalty;
+        ``loss_fn(model, x, y)`` is the mean loss (``stability.trainer.model_loss``).
         Returns the number of batches used (batches with non-finite gradients are left out,
         counted, and reported by the caller). Off the hot path: it may sync."""
         was_training = model.training
@@ -69,7 +70,7 @@ class EWC:
         for x, y in batches:
             model.zero_grad(set_to_none=True)
             with autocast():
-                loss = loss_fn(model(x), y)
+                loss = loss_fn(model, x, y)
             loss.backward()
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             finite = all_reduce_(self.dist, torch.stack([torch.isfinite(local(g)).all() for g in grads]).all()
@@ -180,12 +181,14 @@ class ReplayBuffer:
         return torch.stack([self.windows[i] for i in picks])
 
     @torch.no_grad()
-    def score(self, model: nn.Module, task: int, loss_fn: Callable, device: torch.device) -> None:
-        """Importance of task ``task``'s sequences: their loss under ``model`` now."""
+    def score(self, model: nn.Module, task: int, loss_fn: Callable, device: torch.device,
+              per_pass: int = 64) -> None:
+        """Importance of task ``task``'s sequences: their loss under ``model`` now, ``per_pass``
+        sequences a forward pass (``windows_per_pass``: their logits are the pass's peak)."""
         mine = [i for i, t in enumerate(self.tasks) if t == task]
         was_training = model.training
         model.eval()
-        for ids in _chunks(mine, 64):
+        for ids in _chunks(mine, per_pass):
             w = torch.stack([self.windows[i] for i in ids]).to(device)
             logits = model(w[:, :-1])
             losses = loss_fn(logits, w[:, 1:]).tolist()  # host sync, at a task boundary
@@ -203,6 +206,14 @@ class ReplayBuffer:
         self.tasks, self.importance = list(state["tasks"]), list(state["importance"])
         self.seen = {int(k): int(v) for k, v in state["seen"].items()}
         self.rng.setstate(_rng_from(state["rng"]))
+
+
+def windows_per_pass(length: int, vocab: int, budget: int = 2**24, most: int = 64) -> int:
+    """Sequences of ``length`` tokens a replay-scoring pass takes so that their fp32 logits
+    stay within ``budget`` elements (64 MB, a phase-4 micro-batch's): 64 sequences of 256
+    tokens at a vocabulary of 8192 would hold 0.5 GB of logits and as much log-softmax at a
+    task boundary, several times a chunked training step's peak."""
+    return max(1, min(most, budget // max(1, length * vocab)))
 
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:

@@ -57,7 +57,7 @@ from stability.checkpoint import (
     set_rng_state,
 )
 from stability.config import RunSpec
-from stability.continual import EWC, ReplayBuffer, format_matrix, per_sequence_loss, transfer
+from stability.continual import EWC, ReplayBuffer, format_matrix, per_sequence_loss, transfer, windows_per_pass
 from stability.data import DataError
 from stability.diagnostics import BlockProbe
 from stability.distributed import Dist, any_rank, barrier, broadcast, device_of, gather, main_first, wrap
@@ -76,6 +76,7 @@ from stability.trainer import (
     estimate_training_bytes,
     estimate_vocab,
     lm_loss,
+    model_loss,
     resolve_amp_dtype,
     resolve_device,
 )
@@ -576,14 +577,15 @@ class Run:
             n = min(self.spec.continual.fisher_batches, len(task.train))
             self.report.line(f"task {task_i + 1}: estimating the EWC Fisher information on {n} batches")
             batches = [self._device(self.stream.raw(Position(task_i, 0, i))) for i in range(n)]
-            used = self.ewc.consolidate(self.model, batches, lm_loss, self.trainer.autocast)
+            used = self.ewc.consolidate(self.model, batches, model_loss, self.trainer.autocast)
             if used < len(batches):
                 self.report.warn(f"task {task_i + 1}: {len(batches) - used} Fisher batches had non-finite "
                                  "gradients and were left out")
             self._set_loss_hook()
         replay = self.stream.replay
         if replay is not None and self.spec.continual.replay_strategy == "importance":
-            replay.score(self.model, task_i, per_sequence_loss, self.device)
+            per_pass = windows_per_pass(self.spec.train.sequence_length, self.model.cfg.vocab_size)
+            replay.score(self.model, task_i, per_sequence_loss, self.device, per_pass)
         row = [self.trainer.evaluate(self._val_batches(t))["val_loss"] for t in self.tasks]
         self.matrix = [*self.matrix, row]
         stats = transfer(self.matrix)

@@ -118,6 +118,17 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
+def model_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss of ``model`` on (x, y): the model's own where it has one
+    (``HybridLM(x, targets=y)``, with --chunked-loss no (b l v) logits), else ``lm_loss`` of
+    its logits. For the passes off the training step that back-propagate (EWC's Fisher)."""
+    from model import HybridLM
+
+    if isinstance(model, HybridLM):
+        return model(x, targets=y).loss
+    return lm_loss(model(x), y)
+
+
 def next_token_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Evaluation's sums over one batch, on the device: the summed next-token loss (fp64),
     the targets that are the argmax, and the targets counted (-100 ignored). From the

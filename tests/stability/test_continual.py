@@ -4,8 +4,8 @@ import contextlib
 import pytest
 import torch
 
-from stability.continual import EWC, ReplayBuffer, format_matrix, per_sequence_loss, transfer
-from stability.trainer import lm_loss
+from stability.continual import EWC, ReplayBuffer, format_matrix, per_sequence_loss, transfer, windows_per_pass
+from stability.trainer import lm_loss, model_loss
 from tests.tiny import TinyLM, batches
 
 
@@ -29,7 +29,7 @@ def test_ewc_penalty_is_the_sum_of_each_tasks_quadratic():
     for seed in (1, 2):
         data = batches(3, seed=seed)
         per_task.append((_fisher(model, data), [p.detach().clone() for p in model.parameters()]))
-        assert ewc.consolidate(model, data, lm_loss, contextlib.nullcontext) == 3
+        assert ewc.consolidate(model, data, model_loss, contextlib.nullcontext) == 3
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.1)  # "train" on the next task
@@ -42,7 +42,7 @@ def test_ewc_penalty_is_the_sum_of_each_tasks_quadratic():
 def test_ewc_penalty_is_zero_at_the_anchor_and_pulls_back_toward_it():
     model = TinyLM()
     ewc = EWC(model, strength=10.0)
-    ewc.consolidate(model, batches(2), lm_loss, contextlib.nullcontext)
+    ewc.consolidate(model, batches(2), model_loss, contextlib.nullcontext)
     assert abs(ewc.penalty(model).item()) < 1e-6
     with torch.no_grad():
         model.head.bias.add_(1.0)
@@ -57,9 +57,48 @@ def test_consolidation_leaves_out_nonfinite_batches():
     x, y = batches(1)[0]
     with torch.no_grad():
         model.embedding.weight[x[0, 0]] = float("nan")
-    used = ewc.consolidate(model, [(x, y)] + batches(2, seed=3), lm_loss, contextlib.nullcontext)
+    used = ewc.consolidate(model, [(x, y)] + batches(2, seed=3), model_loss, contextlib.nullcontext)
     assert used == 2
     assert all(torch.isfinite(a).all() for a in ewc.A)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_the_hybrids_fisher_is_the_plain_one_with_or_without_the_chunked_loss(chunked):
+    """EWC's Fisher pass takes the model's own loss (``model_loss``): with --chunked-loss no
+    (b l v) logits at a task boundary, and the same Fisher as from the logits."""
+    from tests.tiny import tiny_hybrid
+
+    model = tiny_hybrid(chunked_loss=chunked, vocab_size=32)
+    data = batches(2)
+    expected = _fisher(model, data)
+    ewc = EWC(model, strength=1.0)
+    assert ewc.consolidate(model, data, model_loss, contextlib.nullcontext) == 2
+    for a, e in zip(ewc.A, expected):
+        assert torch.allclose(a, e, rtol=1e-4, atol=1e-10)
+
+
+def test_replay_scoring_in_small_passes_gives_the_same_importances():
+    torch.manual_seed(0)
+    model = TinyLM()
+    scored = []
+    sizes = []
+    model.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    for per_pass in (64, 3, 1):
+        sizes.clear()
+        buf = ReplayBuffer(capacity=20, strategy="importance", seed=0)
+        buf.offer(torch.randint(0, 32, (10, 9), generator=torch.Generator().manual_seed(0)), task=0)
+        buf.score(model, 0, per_sequence_loss, torch.device("cpu"), per_pass=per_pass)
+        assert sizes == [min(per_pass, 10 - i) for i in range(0, 10, per_pass)]
+        scored.append(buf.importance)
+    assert scored[1] == pytest.approx(scored[0], rel=1e-6)
+    assert scored[2] == pytest.approx(scored[0], rel=1e-6)
+    assert len(set(scored[0])) > 1
+
+
+def test_replay_passes_keep_their_logits_within_the_budget():
+    assert windows_per_pass(256, 8192) == 8  # 8 x 256 x 8192 = 2^24 logits
+    assert windows_per_pass(64, 256) == 64  # capped
+    assert windows_per_pass(4096, 200_019) == 1  # never none
 
 
 def _windows(n, task, length=5):
