@@ -36,7 +36,7 @@ from torch import nn
 from model.config import INTEGRATION_MODES, ModelConfig
 from model.fusion import BranchMixer, CausalCrossAttention
 from model.liquid import LiquidLayer
-from model.loss import IGNORE_INDEX, linear_cross_entropy
+from model.loss import argmax_hits, linear_cross_entropy, logits_cross_entropy
 from model.mamba import Mamba
 from model.spiking import SpikeTrace, SpikingPath
 
@@ -280,9 +280,8 @@ class HybridLM(nn.Module):
                 if counting else (linear_cross_entropy(h, self.head.weight, targets.flatten()), None)
             return HybridOutput(None, aux, loss, hits)
         logits = self.head(self.norm(x))
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        hits = ((logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum() if counting else None
-        return HybridOutput(logits, aux, loss, hits)
+        return HybridOutput(logits, aux, logits_cross_entropy(logits, targets),
+                            argmax_hits(logits, targets) if counting else None)
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by component (a tied head counts once, as embedding)."""

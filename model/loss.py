@@ -43,6 +43,17 @@ def linear_cross_entropy_ref(h: Tensor, weight: Tensor, targets: Tensor, ignore_
     return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index)
 
 
+def logits_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of whole logits (b l v) against targets (b l), in fp32,
+    targets of -100 left out: the plain path where the logits exist anyway."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def argmax_hits(logits: Tensor, targets: Tensor) -> Tensor:
+    """Targets (b l) that are the argmax of their logits (b l v), -100 left out: () int64."""
+    return ((logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum()
+
+
 def _compute_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
     """The products' dtype: autocast's where it is on (as ``F.linear`` would run), else the
     wider of the two inputs'."""

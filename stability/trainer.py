@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stability.config import ConfigError, GuardConfig, PlasticityConfig, TrainConfig
@@ -115,7 +114,9 @@ def available_memory(device: torch.device) -> int | None:
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32; targets of -100 (padding) are ignored."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    from model.loss import logits_cross_entropy
+
+    return logits_cross_entropy(logits, targets)
 
 
 def model_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -136,16 +137,17 @@ def next_token_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple
     (b l v) logits, which at a large vocabulary would make validation the run's peak);
     else from the logits. Call without autograd."""
     from model import HybridLM
+    from model.loss import argmax_hits
 
-    count = (y != -100).sum()
     if isinstance(model, HybridLM):
         out = model(x, targets=y)
-        # a batch of padding only has a NaN mean (0 / 0) and adds nothing
-        total = torch.where(count > 0, out.loss.double() * count, 0.0)
-        return total, out.hits, count
-    logits = model(x)  # b l v
-    total = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
-    return total.double(), ((logits.argmax(-1) == y) & (y != -100)).sum(), count
+        loss, hits = out.loss, out.hits
+    else:
+        logits = model(x)  # b l v
+        loss, hits = lm_loss(logits, y), argmax_hits(logits, y)
+    count = (y != -100).sum()
+    # a batch of padding only has a NaN mean (0 / 0) and adds nothing
+    return torch.where(count > 0, loss.double() * count, 0.0), hits, count
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
