@@ -12,7 +12,8 @@ keeps its reference beside it:
   depend on the state (input projections, the whole sensory synapse) hoisted out of the
   loop; plain autograd, any mode.
 - ``cfc_sequence_fused``: the hot path (CfC default mode, one tanh-family backbone layer)
-  as a ``torch.autograd.Function`` whose backward is a hand-derived reverse loop.
+  as a ``torch.autograd.Function`` whose backward is a hand-derived reverse loop; on the
+  CPU both loops run compiled (``model.numba_cfc``), elsewhere as torch kernels.
 
 Shape letters:
     b  batch
@@ -31,6 +32,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from model import numba_cfc
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
@@ -229,7 +232,7 @@ def cfc_scan_ref(
 
 
 class _CfCScan(torch.autograd.Function):
-    """``cfc_scan_ref`` at five kernels a token, with a hand-written backward.
+    """``cfc_scan_ref`` at five kernels a token (or one compiled loop), with a hand-written backward.
 
     With tanh(f) = 2 sigmoid(2 f) - 1 and m = (h + 1) / 2 the step becomes
 
@@ -241,10 +244,14 @@ class _CfCScan(torch.autograd.Function):
     runs time-major (l b ...) so every per-token slice is contiguous; backward is the
     reverse loop over the saved activations, with the local derivatives and the weight
     gradients batched over tokens, then chained back through the folding by hand.
+
+    ``compiled``: the two loops run in ``model.numba_cfc`` (each thread whole rows of the
+    batch, no per-token dispatch) instead of as torch kernels; the buffers, the folding and
+    the batched weight gradients are the same.
     """
 
     @staticmethod
-    def forward(ctx, zx, h0, w_h, w_p, b_p, scale_in: float, scale_out: float):  # type: ignore[override]
+    def forward(ctx, zx, h0, w_h, w_p, b_p, scale_in: float, scale_out: float, compiled: bool):  # type: ignore[override]
         q = h0.shape[1]
         rows = torch.tensor([2.0, 2.0, 1.0], dtype=zx.dtype, device=zx.device).repeat_interleave(q)  # (3q)
         b, l, k = zx.shape
@@ -259,10 +266,15 @@ class _CfCScan(torch.autograd.Function):
         m_all = zx.new_empty(l, b, q)
         heads = [x.unbind(0) for x in sigs.view(l, b, 3, q).unbind(2)]  # 3 x l x (b q)
         m = m0
-        for a, s, f1, f2, gate, m_t in zip(acts.unbind(0), sigs.unbind(0), *heads, m_all.unbind(0)):
-            a.addmm_(m, w_mt).tanh_()  # (b k)
-            s.addmm_(a, w_pt).sigmoid_()  # (b 3q)
-            m = torch.lerp(f1, f2, gate, out=m_t)  # (b q)
+        if compiled:  # the same loop, compiled (model.numba_cfc)
+            numba_cfc.cfc_forward(m0, w_mt, w_pt, acts, sigs, m_all)
+            m = m_all[-1] if l else m0
+        else:
+            for a, s, f1, f2, gate, m_t in zip(acts.unbind(0), sigs.unbind(0), *heads, m_all.unbind(0)):
+                a.addmm_(m, w_mt).tanh_()  # (b k)
+                s.addmm_(a, w_pt).sigmoid_()  # (b 3q)
+                m = torch.lerp(f1, f2, gate, out=m_t)  # (b q)
+        ctx.compiled = compiled
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(m0, w_mt, w_pt, rows, m_all, acts, sigs)
         ctx.scale_in, ctx.scale_out = scale_in, scale_out
@@ -284,7 +296,9 @@ class _CfCScan(torch.autograd.Function):
         # Per-token gradients go straight into their slot of one buffer (out=): no per-step
         # views or allocations and no stack at the end.
         dp_all, dz_all = acts.new_empty(l, b, 3, q), torch.empty_like(acts)  # (l b 3 q), (l b k)
-        steps = zip(
+        if ctx.compiled:
+            numba_cfc.cfc_backward(w_p, w_m, acts, sigs, gms, dp_all.view(l, b, 3 * q), dz_all)
+        steps = () if ctx.compiled else zip(
             reversed(coef.unbind(0)), reversed(dtanh.unbind(0)), reversed(gms.view(l, b, 1, q).unbind(0)),
             reversed((None, *gms.unbind(0)[:-1])),
             reversed(dp_all.unbind(0)), reversed(dp_all.view(l, b, 3 * q).unbind(0)), reversed(dz_all.unbind(0)),
@@ -304,15 +318,31 @@ class _CfCScan(torch.autograd.Function):
         d_wp = (dp_all.t() @ acts.view(l * b, -1)).mul_((rows * so).unsqueeze(1))  # (3q k)
         d_bp = dp_all.sum(0).mul_(rows)  # (3q)
         d_zx = dz_all.mul_(si).transpose(0, 1)  # (b l k)
-        return d_zx, carry * 0.5, d_wh, d_wp, d_bp, None, None
+        return d_zx, carry * 0.5, d_wh, d_wp, d_bp, None, None, None
+
+
+CFC_IMPLS: tuple[str, ...] = ("auto", "numba", "torch")
 
 
 def cfc_scan(
-    zx: Tensor, h0: Tensor, w_h: Tensor, w_p: Tensor, b_p: Tensor, scale_in: float = 1.0, scale_out: float = 1.0
+    zx: Tensor, h0: Tensor, w_h: Tensor, w_p: Tensor, b_p: Tensor, scale_in: float = 1.0, scale_out: float = 1.0,
+    impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """``cfc_scan_ref`` with the hand-written backward of ``_CfCScan``; same arguments:
-    zx (b l k), h0 (b q), w_h (k q), w_p (3q k), b_p (3q) -> (h (b l q), last h (b q))."""
-    return _CfCScan.apply(zx, h0, w_h, w_p, b_p, scale_in, scale_out)
+    zx (b l k), h0 (b q), w_h (k q), w_p (3q k), b_p (3q) -> (h (b l q), last h (b q)).
+
+    ``impl``: where the per-token loops run. ``numba``: compiled, each thread a share of the
+    batch's rows (``model.numba_cfc``; CPU, fp32/fp64); ``torch``: torch kernels a token,
+    any device; ``auto``: numba where it can, else torch."""
+    if impl not in CFC_IMPLS:
+        raise ValueError(f"unknown CfC implementation {impl!r}; use one of {', '.join(CFC_IMPLS)}")
+    usable = numba_cfc.usable(zx, h0, w_h, w_p, b_p)
+    if impl == "numba" and not usable:
+        raise ValueError(
+            "the numba CfC kernel needs numba installed and CPU tensors of one dtype, fp32 or fp64; got "
+            f"{zx.dtype} on {zx.device}{'' if numba_cfc.available() else ' (numba is not installed)'}; use impl='torch'"
+        )
+    return _CfCScan.apply(zx, h0, w_h, w_p, b_p, scale_in, scale_out, impl != "torch" and usable)
 
 
 def cfc_sequence_fused(cell: CfCCell, x: Tensor, h0: Tensor, ts: float = 1.0) -> tuple[Tensor, Tensor]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from model import numba_cfc
 from model.config import ModelConfig
 from model.liquid import (
     CfCCell,
@@ -247,8 +248,14 @@ def test_ltc_initialisation_follows_ncps_ranges_and_polarity_from_torch_rng():
 # --------------------------------------------------------------------------- fast vs reference
 
 
+needs_numba = pytest.mark.skipif(not numba_cfc.available(), reason="numba not installed: pip install numba")
+# the scan's two implementations of its per-token loops: compiled (the CPU default) and torch's
+IMPLS = [pytest.param("numba", marks=needs_numba), "torch"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("scales", [(1.0, 1.0), (0.666, 1.7159)])
-def test_cfc_scan_backward_passes_gradcheck_in_float64(scales):
+def test_cfc_scan_backward_passes_gradcheck_in_float64(scales, impl):
     torch.manual_seed(7)
     l, b, k, q = 5, 3, 6, 4
     args = [
@@ -259,7 +266,7 @@ def test_cfc_scan_backward_passes_gradcheck_in_float64(scales):
         torch.randn(3 * q, dtype=torch.float64),
     ]
     args = [a.requires_grad_() for a in args]
-    assert torch.autograd.gradcheck(lambda *a: cfc_scan(*a, *scales), args)
+    assert torch.autograd.gradcheck(lambda *a: cfc_scan(*a, *scales, impl=impl), args)
 
 
 @pytest.mark.parametrize("backbone", ["cfc", "ltc"])
@@ -277,8 +284,9 @@ def test_fast_layer_passes_gradcheck_end_to_end_in_float64(backbone):
     assert torch.autograd.gradcheck(run, [x, h0, *params])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("length", [1, 2, 40])
-def test_cfc_scan_equals_its_reference_in_value_and_gradient(length):
+def test_cfc_scan_equals_its_reference_in_value_and_gradient(length, impl):
     torch.manual_seed(8)
     b, k, q = 3, 16, 8
     args = [
@@ -290,7 +298,7 @@ def test_cfc_scan_equals_its_reference_in_value_and_gradient(length):
     ]
     args = [a.requires_grad_() for a in args]
     gy, gh = torch.randn(b, length, q, dtype=torch.float64), torch.randn(b, q, dtype=torch.float64)
-    fast = cfc_scan(*args, 0.666, 1.7159)
+    fast = cfc_scan(*args, 0.666, 1.7159, impl=impl)
     ref = cfc_scan_ref(*args, 0.666, 1.7159)
     assert_close(fast[0], ref[0], msg="h sequence")
     assert_close(fast[1], ref[1], msg="last h")
