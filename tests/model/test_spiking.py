@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from model import numba_scan
 from model.config import ModelConfig
 from model.spiking import SpikingPath, lif, lif_ref, spikes_to_features, surrogate_grad
 from tests.helpers import assert_close
@@ -171,3 +172,23 @@ def test_cpu_numpy_loop_and_device_torch_loop_agree(dtype):
     assert numpy_mem.dtype == dtype and numpy_mem.shape == cur.shape
     assert torch.equal(numpy_mem > 1.0, torch_mem > 1.0)
     assert_close(numpy_mem, torch_mem)
+
+
+@pytest.mark.skipif(not numba_scan.available(), reason="numba not installed: pip install numba")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("beta,threshold", [(0.85, 1.0), (0.9, 0.3)])
+def test_compiled_loop_rounds_as_the_numpy_loop_bit_for_bit(dtype, beta, threshold):
+    """The CPU default: the numpy loop's arithmetic in its order and dtype, so the same
+    membranes to the bit and the same spikes, on a non-contiguous input too."""
+    from model.spiking import _lif_forward_loop, _lif_loop_numba, _lif_loop_numpy
+
+    cur = (torch.randn(50, 3, 7) * 1.5).to(dtype).transpose(0, 1)  # (b l s), not contiguous
+    compiled = _lif_loop_numba(cur, beta, threshold)
+    assert compiled.dtype == dtype and compiled.shape == cur.shape
+    assert torch.equal(compiled, _lif_loop_numpy(cur, beta, threshold))
+    assert torch.equal(_lif_forward_loop(cur, beta, threshold), compiled)
+    assert (compiled > threshold).any() and not (compiled > threshold).all()  # some fire, not all
+    bad = cur.clone()
+    bad[1, 10, 2] = float("nan")
+    mem = _lif_loop_numba(bad, beta, threshold)
+    assert torch.isnan(mem[1, 10:, 2]).all() and not torch.isnan(mem[1, :10]).any()
