@@ -85,17 +85,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
                          grad_h.split(rows) if need_grad else itertools.repeat(None))
             for h_r, pick, w_r, valid_r, grad_h_r in chunks:
                 logits = torch.mm(h_r, wc.t()).float()  # (r v)
-                total -= torch.where(valid_r, logits.log_softmax(1).gather(1, pick).squeeze(1), 0.0).sum()
                 if count_hits:  # targets that are their row's argmax (first of ties, as argmax)
                     hits += ((logits.argmax(1, keepdim=True) == pick).squeeze(1) & valid_r).sum()
                 if not need_grad:
+                    total -= torch.where(valid_r, logits.log_softmax(1).gather(1, pick).squeeze(1), 0.0).sum()
                     continue
-                # d loss / d logits = share * (softmax - one-hot), the share applied to the
-                # (r d) sides of the two products rather than to the (r v) chunk. softmax, not
-                # exp of the log-softmax: torch's CPU exp is ~35x slower where its result is
-                # subnormal (inputs below about -87), which a trained model's logits reach.
-                g = logits.softmax(1).scatter_add_(1, pick, minus_one[: len(pick)]).to(dt)  # (r v)
+                # softmax, not exp of the log-softmax: torch's CPU exp is ~35x slower where its
+                # result is subnormal (inputs below about -87), which a trained model's logits
+                # reach. The loss needs no log-softmax pass either: a row's largest
+                # probability is exp(0) / sum = 1 / sum, so logsumexp = max - log(max p) and the
+                # row's loss is logsumexp - its target's logit (two reductions and a gather).
+                p = logits.softmax(1)  # (r v)
+                lse = logits.amax(1) - p.amax(1).log()  # (r)
+                total += torch.where(valid_r, lse - logits.gather(1, pick).squeeze(1), 0.0).sum()
                 del logits
+                # d loss / d logits = share * (softmax - one-hot), the share applied to the
+                # (r d) sides of the two products rather than to the (r v) chunk.
+                g = p.scatter_add_(1, pick, minus_one[: len(pick)]).to(dt)  # (r v)
+                del p
                 if dt == acc:  # straight into the buffers
                     torch.mm(g, wc, out=grad_h_r).mul_(w_r)  # (r d)
                     grad_w.addmm_(g.t(), h_r * w_r)  # (v d)

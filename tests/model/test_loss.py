@@ -53,6 +53,20 @@ def test_any_chunking_matches_the_plain_loss(n, d, v, rows, ignored, seed):
         assert_close(a, e, msg=what)
 
 
+@pytest.mark.parametrize("scale", [30.0, 1e3, 1e5])
+def test_logits_far_apart_give_the_plain_loss_where_the_targets_probability_underflows(scale):
+    """The loss is max - log(max softmax) - the target's logit, never -log(its probability):
+    at these scales the targets' probabilities are 0 in fp32 (the loss runs to thousands),
+    and the log-sum-exp must still come out exact."""
+    h, w, y = inputs(48, 8, 40, ignored=0.1, seed=3)
+    h = h * scale
+    expected = loss_and_grads(linear_cross_entropy_ref, h, w, y)
+    actual = loss_and_grads(linear_cross_entropy, h, w, y, rows=16)
+    assert torch.isfinite(actual[0]) and expected[0] > 20
+    for a, e, what in zip(actual, expected, ("loss", "d h", "d w")):
+        assert_close(a, e, msg=what)
+
+
 def test_fp64_inputs_get_fp64_gradients_at_the_plain_paths_precision():
     h, w, y = inputs(30, 8, 40, dtype=torch.float64)
     expected = loss_and_grads(linear_cross_entropy_ref, h, w, y)
