@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.liquid import CfCCell, cfc_sequence_fused, cfc_sequence_ref
+from benchmarks.test_phases import THREADS, bench_paired, machine
+from model import numba_cfc
+from model.liquid import CfCCell, cfc_scan, cfc_sequence_fused, cfc_sequence_ref
 from model.spiking import lif, lif_ref
 from model.ssm import (
     numba_available,
@@ -63,6 +65,32 @@ def test_cfc(benchmark, impl):
     h0 = torch.zeros(4, 64)
     fn = {"fused": cfc_sequence_fused, "ref": cfc_sequence_ref}[impl]
     benchmark.pedantic(_fwd_bwd(fn, cell, x, h0), rounds=50, warmup_rounds=2)
+
+
+@pytest.mark.skipif(not numba_cfc.available(), reason="numba not importable")
+@pytest.mark.parametrize("b,l,k,q", [(4, 64, 64, 64), (4, 256, 128, 128), (8, 256, 128, 128)],
+                         ids=["phase1", "phase3", "phase4"])
+def test_cfc_scan_compiled_over_torch(benchmark, b, l, k, q):
+    """The CfC scan's loops compiled (model.numba_cfc) over its torch loops, forward and
+    backward, paired; at torch's thread count, or LSNN_BENCH_THREADS."""
+    benchmark.group = f"CfC scan b{b} l{l} k{k} q{q}, compiled / torch"
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(b, l, k, generator=g), torch.rand(b, q, generator=g) * 2 - 1,
+            torch.randn(k, q, generator=g) / k**0.5, torch.randn(3 * q, k, generator=g) / k**0.5,
+            torch.randn(3 * q, generator=g)]
+    args = [a.requires_grad_() for a in args]
+
+    def run(impl):
+        y, h = cfc_scan(*args, 0.666, 1.7159, impl=impl)
+        (y.sum() + h.sum()).backward()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS or threads)
+    try:
+        q1, median, q3 = bench_paired(benchmark, lambda: run("numba"), lambda: run("torch"), rounds=40)
+    finally:
+        torch.set_num_threads(threads)
+    benchmark.extra_info.update(compiled_over_torch_median=median, quartiles=[q1, q3], **machine())
 
 
 @pytest.mark.parametrize("impl", ["fused", "ref"])
