@@ -88,9 +88,9 @@ def test_cfc_scan_compiled_over_torch(benchmark, b, l, k, q):
     torch.set_num_threads(THREADS or threads)
     try:
         q1, median, q3 = bench_paired(benchmark, lambda: run("numba"), lambda: run("torch"), rounds=40)
+        benchmark.extra_info.update(compiled_over_torch_median=median, quartiles=[q1, q3], **machine())
     finally:
         torch.set_num_threads(threads)
-    benchmark.extra_info.update(compiled_over_torch_median=median, quartiles=[q1, q3], **machine())
 
 
 @pytest.mark.parametrize("impl", ["fused", "ref"])
