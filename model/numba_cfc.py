@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.numba_scan import _FLAGS, _bounds, _exp, _launch, _njit, _np, available, numba
+from model.numba_scan import _FLAGS, _bounds, _exp, _launch, _njit, _np, _parts, available, numba
 
 _F32 = np.float32
 _ONE32, _TWO32, _ZERO32, _SMALL32 = _F32(1), _F32(2), _F32(0), _F32(0.625)
@@ -171,11 +171,6 @@ def _backward_kernel(parts, *args):  # pragma: no cover - compiled
         _backward_part(p, parts, *args)
 
 
-def _parts(rows: int) -> int:
-    """Threads for ``rows`` batch rows: torch's thread count, at most numba's."""
-    return max(1, min(rows, torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-
-
 def usable(*tensors: Tensor) -> bool:
     """Whether the kernels take these tensors: numba importable, CPU, fp32 or fp64 alike."""
     return (available() and all(t.device.type == "cpu" for t in tensors)
@@ -185,7 +180,8 @@ def usable(*tensors: Tensor) -> bool:
 
 def cfc_forward(m0: Tensor, w_mt: Tensor, w_pt: Tensor, acts: Tensor, sigs: Tensor, m_all: Tensor) -> None:
     """The forward loop of ``_CfCScan``, in place: m0 (b q), w_mt (q k), w_pt (k 3q), and the
-    contiguous time-major buffers acts (l b k) = zx', sigs (l b 3q) = bias, m_all (l b q)."""
+    contiguous time-major buffers acts (l b k) = zx', sigs (l b 3q) = bias, m_all (l b q).
+    The batch's rows are the work items (``_parts``: at most torch's threads)."""
     _launch(_forward_part, _forward_kernel, _parts(acts.shape[1]), _np(m0.contiguous()), _np(w_mt), _np(w_pt),
             _np(acts), _np(sigs), _np(m_all))
 
