@@ -231,6 +231,43 @@ def cfc_scan_ref(
     return torch.stack(hs, 1), h
 
 
+def _cfc_forward_torch(m0: Tensor, w_mt: Tensor, w_pt: Tensor, acts: Tensor, sigs: Tensor, m_all: Tensor) -> None:
+    """``_CfCScan``'s forward loop as torch kernels, in place, with ``numba_cfc.cfc_forward``'s
+    arguments: acts (l b k) holds zx' and sigs (l b 3q) the bias on entry, each token's
+    products accumulate into its slot (addmm_, beta = 1: five kernels a token and no copy
+    inside them, where addmm(..., out=) copies its summand first)."""
+    l, b, q = m_all.shape
+    heads = [x.unbind(0) for x in sigs.view(l, b, 3, q).unbind(2)]  # 3 x l x (b q)
+    m = m0
+    for a, s, f1, f2, gate, m_t in zip(acts.unbind(0), sigs.unbind(0), *heads, m_all.unbind(0)):
+        a.addmm_(m, w_mt).tanh_()  # (b k)
+        s.addmm_(a, w_pt).sigmoid_()  # (b 3q)
+        m = torch.lerp(f1, f2, gate, out=m_t)  # (b q)
+
+
+def _cfc_backward_torch(w_p: Tensor, w_m: Tensor, acts: Tensor, sigs: Tensor, gms: Tensor, dp_all: Tensor,
+                        dz_all: Tensor) -> None:
+    """``_CfCScan``'s backward loop as torch kernels, in place, with ``numba_cfc.cfc_backward``'s
+    arguments. The local derivatives are batched over tokens first; per token, the gradients
+    go straight into their slot of one buffer (out=), and the carry into dL/dm_{t-1}'s slot
+    (addmm_), so each slot is the whole dL/dm_t when its token's turn comes."""
+    l, b, q = gms.shape
+    s1, s2, g = sigs.chunk(3, 2)  # (l b q) each
+    # d m_t / d p_t for every token at once: lerp's partials times sigmoid's.
+    coef = torch.stack([1 - g, g, s2 - s1], 2) * (sigs * (1 - sigs)).view(l, b, 3, q)  # (l b 3 q)
+    dtanh = 1 - acts * acts  # (l b k)
+    steps = zip(
+        reversed(coef.unbind(0)), reversed(dtanh.unbind(0)), reversed(gms.view(l, b, 1, q).unbind(0)),
+        reversed((None, *gms.unbind(0)[:-1])),
+        reversed(dp_all.view(l, b, 3, q).unbind(0)), reversed(dp_all.unbind(0)), reversed(dz_all.unbind(0)),
+    )
+    for coef_t, dtanh_t, gm3, gm_prev, dp3, dp, dz in steps:
+        torch.mul(coef_t, gm3, out=dp3)  # (b 3 q)
+        torch.mm(dp, w_p, out=dz).mul_(dtanh_t)  # (b k)
+        if gm_prev is not None:
+            gm_prev.addmm_(dz, w_m)  # completes dL/dm_{t-1}
+
+
 class _CfCScan(torch.autograd.Function):
     """``cfc_scan_ref`` at five kernels a token (or one compiled loop), with a hand-written backward.
 
@@ -258,22 +295,13 @@ class _CfCScan(torch.autograd.Function):
         w_mt = (w_h.t() * (2 * scale_in)).contiguous()  # (q k)
         w_pt = (w_p.t() * (rows * scale_out)).contiguous()  # (k 3q)
         m0 = (h0 + 1) * 0.5
-        # The buffers start as the additive terms (zx' and the bias), and each token's
-        # products accumulate into its slot in place (addmm_, beta = 1): five kernels a
-        # token and no copy inside them, where addmm(..., out=) copies its summand first.
+        # The buffers start as the additive terms (zx' and the bias); the loops accumulate
+        # each token's products into its slot.
         acts = torch.sub(zx.transpose(0, 1), w_h.sum(1), out=zx.new_empty(l, b, k)).mul_(scale_in)  # (l b k)
         sigs = (b_p * rows).expand(l, b, 3 * q).contiguous()  # (l b 3q)
         m_all = zx.new_empty(l, b, q)
-        heads = [x.unbind(0) for x in sigs.view(l, b, 3, q).unbind(2)]  # 3 x l x (b q)
-        m = m0
-        if compiled:  # the same loop, compiled (model.numba_cfc)
-            numba_cfc.cfc_forward(m0, w_mt, w_pt, acts, sigs, m_all)
-            m = m_all[-1] if l else m0
-        else:
-            for a, s, f1, f2, gate, m_t in zip(acts.unbind(0), sigs.unbind(0), *heads, m_all.unbind(0)):
-                a.addmm_(m, w_mt).tanh_()  # (b k)
-                s.addmm_(a, w_pt).sigmoid_()  # (b 3q)
-                m = torch.lerp(f1, f2, gate, out=m_t)  # (b q)
+        (numba_cfc.cfc_forward if compiled else _cfc_forward_torch)(m0, w_mt, w_pt, acts, sigs, m_all)
+        m = m_all[-1] if l else m0
         ctx.compiled = compiled
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(m0, w_mt, w_pt, rows, m_all, acts, sigs)
@@ -285,29 +313,11 @@ class _CfCScan(torch.autograd.Function):
         m0, w_mt, w_pt, rows, m_all, acts, sigs = ctx.saved_tensors
         l, b, q = m_all.shape
         w_m, w_p = w_mt.t().contiguous(), w_pt.t().contiguous()  # (k q), (3q k)
-        s1, s2, g = sigs.chunk(3, 2)  # (l b q) each
-        # d m_t / d p_t for every token at once: lerp's partials times sigmoid's.
-        coef = torch.stack([1 - g, g, s2 - s1], 2) * (sigs * (1 - sigs)).view(l, b, 3, q)  # (l b 3 q)
-        dtanh = 1 - acts * acts  # (l b k)
-        # dL/dm_t = 2 dL/dh_t, and the carry from m_{t+1} accumulates into the same slot in
-        # place (addmm_): each slot is the whole dL/dm_t when its token's turn comes.
+        # dL/dm_t = 2 dL/dh_t; the loops add the carry from m_{t+1} into the same slot
         gms = torch.mul(gy.transpose(0, 1), 2, out=gy.new_empty(l, b, q))  # (l b q)
         gms[-1].add_(gh, alpha=2)
-        # Per-token gradients go straight into their slot of one buffer (out=): no per-step
-        # views or allocations and no stack at the end.
-        dp_all, dz_all = acts.new_empty(l, b, 3, q), torch.empty_like(acts)  # (l b 3 q), (l b k)
-        if ctx.compiled:
-            numba_cfc.cfc_backward(w_p, w_m, acts, sigs, gms, dp_all.view(l, b, 3 * q), dz_all)
-        steps = () if ctx.compiled else zip(
-            reversed(coef.unbind(0)), reversed(dtanh.unbind(0)), reversed(gms.view(l, b, 1, q).unbind(0)),
-            reversed((None, *gms.unbind(0)[:-1])),
-            reversed(dp_all.unbind(0)), reversed(dp_all.view(l, b, 3 * q).unbind(0)), reversed(dz_all.unbind(0)),
-        )
-        for coef_t, dtanh_t, gm3, gm_prev, dp3, dp, dz in steps:
-            torch.mul(coef_t, gm3, out=dp3)  # (b 3 q)
-            torch.mm(dp, w_p, out=dz).mul_(dtanh_t)  # (b k)
-            if gm_prev is not None:
-                gm_prev.addmm_(dz, w_m)  # completes dL/dm_{t-1}
+        dp_all, dz_all = acts.new_empty(l, b, 3 * q), torch.empty_like(acts)  # (l b 3q), (l b k)
+        (numba_cfc.cfc_backward if ctx.compiled else _cfc_backward_torch)(w_p, w_m, acts, sigs, gms, dp_all, dz_all)
         carry = dz_all[0] @ w_m  # dL/dm_0 -> h0
         dp_all = dp_all.view(l * b, 3 * q)  # (lb 3q)
         m_prev = torch.cat([m0.unsqueeze(0), m_all[:-1]]).view(l * b, q)  # (lb q)
