@@ -85,7 +85,7 @@ def estimate_training_bytes(model_cfg, train_cfg: TrainConfig) -> dict[str, int]
     fp32 = 4
     tokens = train_cfg.batch_size * train_cfg.sequence_length
     if model_cfg.chunked_loss:
-        # a chunk's fp32 logits and their log-softmax, and the head's gradient buffers (v d), (tokens d)
+        # a chunk's fp32 logits and their softmax, and the head's gradient buffers (v d), (tokens d)
         logits = 2 * fp32 * min(chunk_rows(vocab), tokens) * vocab + fp32 * (vocab + tokens) * model_cfg.hidden_dim
     else:
         logits = 3 * fp32 * tokens * vocab  # fp32 logits, their log-softmax and its gradient
