@@ -72,6 +72,11 @@ except ImportError:  # pragma: no cover - exercised only where numba is absent
 # blocks of 32, 64, 128 and 256 channels took 14, 13, 12 and 11 ms forward and backward.
 _BLOCK_ELEMS = 1 << 19
 _MAX_BLOCK = 256
+# The forward keeps only a block's states (n k), so its blocks are as wide as allowed: at
+# b8 e512 n32 l256, two threads, blocks of 32, 64, 128 and 256 channels took 16.6, 13.6,
+# 12.6 and 11.3 ms (4.0, 3.5 and 3.3 ms for 64, 128 and 256 at b4 n16). The backward's
+# buffers set its width (at b8 n32: 64 channels 22.7 ms, 32 28.6, 128 28.9).
+_FORWARD_BLOCK = _MAX_BLOCK
 
 # Reassociation (so sums over channels vectorise) and fused multiply-adds, but not
 # fastmath's no-NaN/no-inf assumptions: a non-finite scan must stay non-finite for the guard.
@@ -394,14 +399,16 @@ def _parts(items: int) -> int:
     return max(1, min(items, torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
-def _items(b: int, e: int, l: int, n: int, Br: Rows, Cr: Rows) -> tuple[np.ndarray, int]:
+def _items(b: int, e: int, width: int, Br: Rows, Cr: Rows) -> tuple[np.ndarray, int]:
     """Work items (sequence, first channel, end channel) (items 3), and the widest block.
 
-    Blocks hold at most ``_BLOCK_ELEMS // (l n)`` channels and stay inside the runs of
-    channels that share one row of B and one of C (length gcd of the two groups)."""
+    Blocks hold at most ``width`` channels, stay inside the runs of channels that share one
+    row of B and one of C (length gcd of the two groups), and are narrower where that is
+    needed for every thread to get an item (a single sequence)."""
     run = math.gcd(Br.group, Cr.group)
-    k = max(1, min(_MAX_BLOCK, _BLOCK_ELEMS // (l * n), run))
-    pieces = -(-run // k)
+    k = max(1, min(_MAX_BLOCK, width, run))
+    threads = _parts(b * e)
+    pieces = min(run, max(-(-run // k), -(-threads // (b * (e // run)))))
     bounds = [(s + j * run // pieces, s + (j + 1) * run // pieces) for s in range(0, e, run) for j in range(pieces)]
     items = np.array([(i, c0, c1) for i in range(b) for c0, c1 in bounds], dtype=np.int64)
     return items, max(c1 - c0 for c0, c1 in bounds)
@@ -433,7 +440,7 @@ def scan_forward(u: Tensor, dt: Tensor, A: Tensor, Br: Rows, Cr: Rows, D: Tensor
     """out = (y + D u) * gate (b l e) and the last state (b e n), from contiguous u, dt and
     gate = silu(z) (b l e), A (e n), B and C as ``Rows``, all in one compute dtype."""
     (b, l, e), n = u.shape, A.shape[1]
-    items, kmax = _items(b, e, l, n, Br, Cr)
+    items, kmax = _items(b, e, _FORWARD_BLOCK, Br, Cr)
     out, last = u.new_empty(b, l, e), u.new_empty(b, e, n)
     _launch(_forward_part, _forward_kernel, _parts(len(items)), items, kmax, _np(u), _np(dt),
             _np(A.t().contiguous()), *Br.args(), *Cr.args(), _np(_skip(D, u.dtype)),
@@ -462,7 +469,7 @@ def scan_backward(u: Tensor, dt: Tensor, A: Tensor, Br: Rows, Cr: Rows, D: Tenso
     ``dgate`` (b l e) is d gate / dz, so ``dz`` = dL/dgate * dgate. With ``want_out`` the
     output ``scan_forward`` returned is recomputed on the way (``out``)."""
     (b, l, e), n = u.shape, A.shape[1]
-    items, kmax = _items(b, e, l, n, Br, Cr)
+    items, kmax = _items(b, e, _BLOCK_ELEMS // (l * n), Br, Cr)
     parts = _parts(len(items))
     # per-thread partial sums: items of different threads share rows of A, B, C, D
     dA_p, dD_p = u.new_zeros(parts, n, e), u.new_zeros(parts, e)

@@ -198,13 +198,21 @@ def _triton_interpreted(mp: pytest.MonkeyPatch, state_elems: int) -> None:
     mp.setattr(triton_scan, "CHUNK", 8)
 
 
+def _numba_blocks(mp: pytest.MonkeyPatch, channels: int, ln: int = 1) -> None:
+    """The numba kernels' blocks at most ``channels`` wide: the forward's, and the
+    backward's at length times state size ``ln`` (its width is its buffers' elements over
+    l n; with one channel, any l n)."""
+    mp.setattr(numba_scan, "_FORWARD_BLOCK", channels)
+    mp.setattr(numba_scan, "_BLOCK_ELEMS", channels * ln)
+
+
 # name -> (scan, set-up of its blocking). The loop is checked with its default time blocks
 # (one block at these sizes) and with blocks of 1 and 3 steps, so state and adjoint are
 # carried across block boundaries; numba with one channel a block (partial sums carried
 # across blocks) and with three threads' partial sums, whatever the machine has.
 IMPLS: dict[str, tuple[ScanFn, Callable[[pytest.MonkeyPatch, int], None] | None]] = {
     "numba": (selective_scan_numba, None),
-    "numba_block1": (selective_scan_numba, lambda mp, _: mp.setattr(numba_scan, "_BLOCK_ELEMS", 1)),
+    "numba_block1": (selective_scan_numba, lambda mp, _: _numba_blocks(mp, 1)),
     "numba_parts3": (selective_scan_numba, lambda mp, _: mp.setattr(numba_scan, "_parts", lambda k: min(k, 3))),
     "loop": (selective_scan_loop, None),
     "loop_block1": (selective_scan_loop, _loop_blocks(1)),
@@ -329,7 +337,7 @@ def test_fast_scans_match_reference_over_the_wide_grid(impl, impl_name, l, B_kin
 @pytest.mark.parametrize(("B_kind", "C_kind"), [("grouped", "variable"), ("constant", "grouped")])
 def test_fast_scan_gradients_pass_float64_gradcheck(monkeypatch, name, fn, B_kind, C_kind):
     monkeypatch.setattr(ssm, "_BLOCK_ELEMS", 2 * 2 * 4 * 2)  # loop: blocks of 2 steps
-    monkeypatch.setattr(numba_scan, "_BLOCK_ELEMS", 3 * 7 * 2)  # numba: blocks of 3 channels
+    _numba_blocks(monkeypatch, 3, ln=7 * 2)  # numba: blocks of 3 channels
     inputs = make_inputs(2, 4, 2, 7, B_kind, C_kind)
     args = [v.detach().double().requires_grad_() for v in inputs.values()]
 
@@ -623,3 +631,35 @@ def test_numba_scan_keeps_a_nan_input_visible_in_output_and_gradients(where):
         results[name] = [out.isnan().any().item()] + [g.isnan().any().item() for g in grads]
     assert results["ref"][0], "the reference hides the NaN: the test's premise is wrong"
     assert results["numba"] == results["ref"], f"NaN in (out, {', '.join('d' + k for k in leaves)})"
+
+
+@needs_numba
+@pytest.mark.parametrize(("B_kind", "C_kind"), [("variable", "variable"), ("grouped", "constant")])
+def test_numba_forward_gives_the_same_output_and_state_at_any_block_width(monkeypatch, B_kind, C_kind):
+    """The forward's blocks are as wide as allowed (it keeps only their states) while the
+    backward's are narrower: each channel's recurrence is the same arithmetic whatever
+    block holds it, so the width changes nothing, bit for bit."""
+    inputs = make_inputs(2, 12, 3, 9, B_kind, C_kind)
+    results = []
+    for width in (1, 5, numba_scan._FORWARD_BLOCK):
+        monkeypatch.setattr(numba_scan, "_FORWARD_BLOCK", width)
+        with torch.no_grad():
+            results.append(selective_scan_numba(**inputs, delta_softplus=True, return_last_state=True))
+    for out, last in results[:-1]:
+        assert torch.equal(out, results[-1][0]) and torch.equal(last, results[-1][1])
+
+
+@needs_numba
+@pytest.mark.parametrize(("group", "threads"), [(256, 2), (256, 3), (64, 4), (64, 8)])
+def test_numba_work_items_cover_every_channel_once_and_give_each_thread_one(monkeypatch, group, threads):
+    """One sequence of 256 channels, blocks up to 256 wide: narrower blocks, so that every
+    thread gets an item, each within one run of channels sharing B's and C's rows."""
+    monkeypatch.setattr(numba_scan, "_parts", lambda k: min(k, threads))
+    e = 256
+    rows = numba_scan.Rows(torch.zeros(e // group, 5, 3), batch=e // group, group=group, step=1)
+    items, widest = numba_scan._items(1, e, 256, rows, rows)
+    assert len(items) >= threads
+    covered = sorted(c for _, c0, c1 in items for c in range(c0, c1))
+    assert covered == list(range(e))
+    assert all(c0 // group == (c1 - 1) // group for _, c0, c1 in items)
+    assert widest == max(c1 - c0 for _, c0, c1 in items)
