@@ -278,7 +278,8 @@ def _backward(xz: Tensor, w: _Weights, dy: Tensor) -> tuple[Tensor, tuple[Tensor
     inner = _inner(xz, w, with_grad=True)
     g = scan_backward(inner.u, inner.dt, w.A, inner.B, inner.C, w.D, inner.gate, inner.dgate, dy, None,
                       want_out=True)
-    ddt_pre = g.ddt.mul_(torch.sigmoid(inner.dt_pre))  # (b l e); d softplus(x)/dx = sigmoid(x)
+    # d softplus(x)/dx = sigmoid(x), in dt_pre's buffer (its last use): a new one's pages would fault in
+    ddt_pre = g.ddt.mul_(inner.dt_pre.sigmoid_())  # (b l e)
     flat = ddt_pre.flatten(0, 1)  # (bl e)
     ddt_bias = flat.sum(0)
     ddt_proj = flat.t() @ inner.dt_in.flatten(0, 1)  # (e r)
