@@ -423,7 +423,11 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a copy: Optimizer.load_state_dict keeps tensors of the right dtype and
         device by reference, so training on would mutate ``state`` (a rollback snapshot
-        restored twice would come back advanced)."""
+        restored twice would come back advanced). The parameter groups keep the trainer's own
+        lr tensors, on its device: a state read from disk holds CPU ones, and on a GPU each
+        step's ``lr.copy_`` into those would be a host sync (the step sets their value anyway,
+        from the schedule, before the optimizer reads it)."""
+        own_lrs = [g["lr"] for g in self.optimizer.param_groups]
         if self.dist.mode == "fsdp":  # this rank's shards, keyed by parameter name
             from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -432,6 +436,8 @@ class Trainer:
         else:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        for group, lr in zip(self.optimizer.param_groups, own_lrs, strict=True):
+            group["lr"] = lr
         self.policy.load_state_dict(state["policy"])
         self.guard.load_state_dict(state["guard"])
         self.group_lr_scale = state["group_lr_scale"].to(self.device).clone()

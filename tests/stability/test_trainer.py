@@ -181,6 +181,27 @@ def test_state_dict_round_trip_mid_run_continues_exactly():
     assert straight.guard.read()["skips"] == resumed.guard.read()["skips"]
 
 
+def test_a_loaded_state_leaves_the_learning_rates_on_the_trainers_device():
+    """A checkpoint read from disk comes in with ``map_location="cpu"``, its parameter
+    groups' lr tensors on the CPU. Optimizer.load_state_dict takes those tensors as they are,
+    so on a GPU every step's ``lr.copy_`` became a device-to-host copy (a host sync) and
+    fused AdamW got a CPU lr. The trainer keeps its own lr tensors, on its device, and only
+    their values come from the state; here the state's are on the meta device, so where the
+    trainer kept them shows on any machine."""
+    data = batches(4)
+    t = make()
+    t.train_step([data[0]])
+    state = copy.deepcopy(t.state_dict())
+    for group in state["optimizer"]["param_groups"]:
+        group["lr"] = torch.empty((), device="meta")
+    own = [g["lr"] for g in t.optimizer.param_groups]
+    t.load_state_dict(state)
+    assert all(g["lr"] is mine for g, mine in zip(t.optimizer.param_groups, own, strict=True))
+    assert all(g["lr"].device == t.device for g in t.optimizer.param_groups)
+    t.train_step([data[1]])
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
 def test_first_step_learning_rate_is_above_zero():
     t = make(warmup_steps=100)
     t.train_step(batches(1))
