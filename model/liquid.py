@@ -290,7 +290,8 @@ class _CfCScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zx, h0, w_h, w_p, b_p, scale_in: float, scale_out: float, compiled: bool):  # type: ignore[override]
         q = h0.shape[1]
-        rows = torch.tensor([2.0, 2.0, 1.0], dtype=zx.dtype, device=zx.device).repeat_interleave(q)  # (3q)
+        rows = zx.new_full((3 * q,), 2.0)  # (3q): 2, 2, 1 a head; no tensor from Python data (on a GPU, a sync)
+        rows[2 * q:] = 1.0
         b, l, k = zx.shape
         w_mt = (w_h.t() * (2 * scale_in)).contiguous()  # (q k)
         w_pt = (w_p.t() * (rows * scale_out)).contiguous()  # (k 3q)

@@ -214,6 +214,7 @@ class Trainer:
             g["lr"] = torch.zeros((), device=device)  # a tensor: set on the device each step
         self.optimizer = torch.optim.AdamW(groups, lr=torch.zeros((), device=device), fused=True)
         self.params = [p for g in groups for p in g["params"]]
+        self._grad_index: dict[tuple[int, ...], torch.Tensor] = {}  # params with a gradient -> their index
         if dist.mode == "fsdp":
             self._init_adam_state()
         # per-group learning-rate multipliers (meta-plasticity) and the rollback factor
@@ -344,8 +345,11 @@ class Trainer:
         Under FSDP2 each rank holds shards: one all-reduce of the squares gives both."""
         norms = torch.stack(torch._foreach_norm([local(g) for g in grads]))  # (p,)
         if len(grads) < len(self.params):  # an unused parameter: keep one entry per parameter
-            have = [i for i, p in enumerate(self.params) if p.grad is not None]
-            norms = norms.new_zeros(len(self.params)).index_copy_(0, torch.tensor(have, device=norms.device), norms)
+            have = tuple(i for i, p in enumerate(self.params) if p.grad is not None)
+            index = self._grad_index.get(have)
+            if index is None:  # once per set of unused parameters: on a GPU, a host-to-device copy
+                index = self._grad_index[have] = torch.tensor(have, device=norms.device)
+            norms = norms.new_zeros(len(self.params)).index_copy_(0, index, norms)
         if self.dist.mode == "fsdp":
             squares = all_reduce_(self.dist, norms.float().square())
             return squares.sqrt(), squares.sum().sqrt()

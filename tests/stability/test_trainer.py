@@ -249,10 +249,16 @@ VALUE_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"
 TRANSFERS = ("cpu", "numpy")
 
 
+# Python data made into a tensor on a device: on a GPU a host-to-device copy from pageable
+# memory, which waits for it (``torch.cuda.set_sync_debug_mode("error")`` raises there)
+FROM_DATA = ("tensor", "as_tensor")
+
+
 class SyncCounter:
-    """Counts device-to-host syncs: any read of a tensor's value into Python, and any
-    copy of a device tensor to the host (``.numpy()`` of a CPU tensor is a zero-copy view
-    the CPU spiking loop uses, and reads nothing)."""
+    """Counts host syncs: any read of a tensor's value into Python, any copy of a device
+    tensor to the host (``.numpy()`` of a CPU tensor is a zero-copy view the CPU spiking
+    loop uses, and reads nothing), and any tensor made from Python data with a ``device``,
+    which the CPU runs too but which on a GPU is a host-to-device copy."""
 
     def __init__(self, monkeypatch):
         self.calls: list[str] = []
@@ -265,6 +271,15 @@ class SyncCounter:
                 return _original(self_, *args, **kwargs)
 
             monkeypatch.setattr(torch.Tensor, name, wrapper)
+        for name in FROM_DATA:
+            original = getattr(torch, name)
+
+            def maker(*args, _name=name, _original=original, **kwargs):
+                if kwargs.get("device") is not None:
+                    self.calls.append(f"torch.{_name}")
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(torch, name, maker)
 
 
 @pytest.mark.parametrize("amp", [None, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
@@ -279,6 +294,28 @@ def test_guarded_step_makes_no_host_sync(monkeypatch, amp, hybrid):
     assert counter.calls == []
 
 
+def test_a_model_with_an_unused_parameter_steps_without_a_host_sync(monkeypatch):
+    """A parameter without a gradient keeps its entry in the per-parameter norms (zero),
+    placed by an index of the parameters that have one: built once, on the device, not
+    from a Python list every step (on a GPU a host-to-device copy that waits)."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    model.unused = torch.nn.Parameter(torch.zeros(3))
+    cfg = TrainConfig(learning_rate=1e-2, warmup_steps=2, log_every=4, gradient_clip=1.0)
+    t = Trainer(model, cfg, GuardConfig(), CPU, total_steps=20)
+    data = batches(3)
+    t.train_step([data[0]])
+    counter = SyncCounter(monkeypatch)
+    t.train_step([data[1]])
+    t.train_step([data[2]])
+    assert counter.calls == []
+    assert model.unused.grad is None and int(t.guard.good_steps) == 3
+    lm_loss(model(data[0][0]), data[0][1]).backward()  # the norms' layout: zero for the unused one
+    norms, total = t._grad_norms([p.grad for p in t.params if p.grad is not None])
+    expected = torch.stack([p.grad.norm() if p.grad is not None else torch.zeros(()) for p in t.params])
+    assert torch.allclose(norms, expected) and torch.allclose(total, expected.norm())
+
+
 def test_sync_counter_sees_a_sync():
     # the counter itself must be able to fail the test above
     import _pytest.monkeypatch
@@ -290,7 +327,9 @@ def test_sync_counter_sees_a_sync():
         bool(x.sum() > 0)
         x.max().item()
         x.numpy()  # a view of CPU memory: not a sync
-        assert counter.calls == ["__bool__", "item"]
+        torch.tensor([1.0])  # stays on the host
+        torch.tensor([1.0], device=x.device)  # on a GPU, a host-to-device copy
+        assert counter.calls == ["__bool__", "item", "torch.tensor"]
     finally:
         mp.undo()
 
