@@ -40,16 +40,47 @@ def make(fault: str | None = None, amp=None, accum: int = 1, hybrid: bool | dict
     return Trainer(model, cfg, gcfg, device, total_steps=20, amp_dtype=amp, injector=injector)
 
 
-def assert_same_state(a: Trainer, b: Trainer) -> None:
+def assert_same_state(a: Trainer, b: Trainer, exact: bool = True) -> None:
+    """Weights, Adam's moments and step counts, the learning rate and the good steps of two
+    trainers are the same: bit for bit, or, ``exact=False``, the weights and moments within
+    1e-4 relative and 1e-5 absolute (the counts stay exact). That is for CUDA, whose backward
+    kernels add with atomics (the Triton scan's dB and dC, attention's, the embedding's) in
+    any order, so twins differ in the last bits; a step that leaked moves the weights by
+    about the learning rate (1e-2 here) and adds one to every parameter's step count."""
+    def same(x: torch.Tensor, y: torch.Tensor) -> bool:
+        return torch.equal(x, y) if exact else torch.allclose(x, y, rtol=1e-4, atol=1e-5)
+
     for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
-        assert torch.equal(pa, pb), f"parameter {name} differs"
+        assert same(pa, pb), f"parameter {name} differs"
     sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
     assert sa["state"].keys() == sb["state"].keys()
     for k in sa["state"]:
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(sa["state"][k][key], sb["state"][k][key]), f"optimizer {key} of param {k} differs"
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert same(sa["state"][k][key], sb["state"][k][key]), f"optimizer {key} of param {k} differs"
+        assert torch.equal(sa["state"][k]["step"], sb["state"][k]["step"]), f"optimizer step of param {k} differs"
     assert torch.equal(a.current_lr(), b.current_lr())
     assert int(a.guard.good_steps) == int(b.guard.good_steps)
+
+
+def test_the_tolerant_state_check_admits_last_bits_but_not_a_leaked_step():
+    data = batches(3)
+    a, b, short = make(), make(), make()
+    for batch in data:
+        a.train_step([batch])
+        b.train_step([batch])
+    for batch in data[:2]:
+        short.train_step([batch])
+    with torch.no_grad():
+        next(b.model.parameters()).mul_(1 + 3e-7)  # the last bits, as CUDA's atomics move them
+    assert_same_state(a, b, exact=False)
+    with pytest.raises(AssertionError, match="parameter"):
+        assert_same_state(a, b)
+    with pytest.raises(AssertionError):  # one step fewer: its weights and step counts differ
+        assert_same_state(a, short, exact=False)
+    with torch.no_grad():
+        next(b.model.parameters()).add_(1e-3)  # a tenth of one step's move
+    with pytest.raises(AssertionError, match="parameter"):
+        assert_same_state(a, b, exact=False)
 
 
 def run_twins(site: str, kind: str, at: int, n: int = 6, hybrid: bool | dict = False, **kw):
@@ -371,7 +402,7 @@ MAMBA = dict(use_mamba=True, integration_mode="bidirectional", use_adaptive_gati
 def test_cuda_autocast_skipped_step_leaves_no_trace(amp, site):
     treated, control = run_twins(site, "nan", 2, n=4, hybrid=MAMBA, amp=amp, device=CUDA,
                                  guard={"init_scale": 2.0**8})
-    assert_same_state(treated, control)
+    assert_same_state(treated, control, exact=False)  # CUDA's atomic adds: see assert_same_state
     assert sum(v for k, v in treated.guard.read()["skips"].items() if k != "ok") == 1
 
 
@@ -381,7 +412,7 @@ def test_mamba_ssm_kernels_under_injected_faults(kind):
     pytest.importorskip("mamba_ssm", reason="needs the cuda extra: pip install lsnn[cuda]")
     layout = {**MAMBA, "scan_impl": "cuda"}
     treated, control = run_twins("grad[blocks.1.mamba]", kind, 2, n=4, hybrid=layout, device=CUDA)
-    assert_same_state(treated, control)
+    assert_same_state(treated, control, exact=False)
     assert treated.guard.read()["skips"]["overflow"] == 1
 
 
