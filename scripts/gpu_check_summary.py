@@ -4,7 +4,7 @@
 
 Reads what the check left in DIR: environment.json, steps.tsv (one line a step: name,
 status, exit code, seconds, log), the pytest JUnit XML of the GPU tests, the benchmark
-JSON and the training run's metrics.jsonl. Anything missing is reported as missing.
+JSON of each phase and the training run's metrics.jsonl. Anything missing is reported as missing.
 """
 
 from __future__ import annotations
@@ -45,11 +45,13 @@ def _tests(out: Path) -> dict | None:
 
 
 def _benchmarks(out: Path) -> list[dict] | None:
-    path = out / "bench-phases.json"
-    if not path.exists():
+    """The rows of every phase's benchmark JSON (bench-phaseN.json), in phase order; None
+    where no phase wrote one."""
+    paths = sorted(out.glob("bench-phase*.json"))
+    if not paths:
         return None
     rows = []
-    for b in json.loads(path.read_text())["benchmarks"]:
+    for b in (b for path in paths for b in json.loads(path.read_text())["benchmarks"]):
         info = b.get("extra_info", {})
         rows.append({
             "name": b["name"], "group": b.get("group"),

@@ -34,7 +34,8 @@ def test_dry_run_lists_every_step_and_writes_the_summary(tmp_path):
     for part in (
         "-m pytest -m gpu",
         "LSNN_BENCH_AMP=bf16",
-        "benchmarks/test_phases.py --benchmark-only -k test_paired_ratio",
+        *(f"benchmarks/test_phases.py::test_paired_ratio --benchmark-only -k test_paired_ratio and [{p}- -q "
+          f"-p no:cacheprovider --benchmark-json={out}/bench-phase{p}.json" for p in (1, 2, 3, 4)),
         "train --phase 1 --max-steps 200 --device cuda --output-dir",
         "drill --phase 3 --tiny --device cuda",
     ):
@@ -42,7 +43,8 @@ def test_dry_run_lists_every_step_and_writes_the_summary(tmp_path):
     assert "build-mamba-ssm" not in plan  # only with a local sdist
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] is True
-    assert [s["name"] for s in summary["steps"]] == ["gpu-tests", "benchmarks", "train", "drill"]
+    assert [s["name"] for s in summary["steps"]] == ["gpu-tests", *(f"bench-phase{p}" for p in (1, 2, 3, 4)),
+                                                     "train", "drill"]
     assert {s["status"] for s in summary["steps"]} == {"dry-run"}
     assert summary["environment"]["torch"] == torch.__version__
     assert "dry run: nothing was run" in (out / "summary.md").read_text()
@@ -88,7 +90,9 @@ def _fake_run(out: Path) -> None:
                              "extra_info": {"hybrid_over_transformer_median": 1.42, "quartiles": [1.3, 1.5],
                                             "peak_mb_hybrid": 300.0, "peak_mb_transformer": 250.0,
                                             "peak_memory_ratio": 1.2, "amp": "bf16", "flop_ratio": 1.69}}]}
-    (out / "bench-phases.json").write_text(json.dumps(bench))
+    (out / "bench-phase3.json").write_text(json.dumps(bench))
+    phase1 = {"benchmarks": [{"name": "test_paired_ratio[1-triton]", "extra_info": {}}]}  # a phase written earlier
+    (out / "bench-phase1.json").write_text(json.dumps(phase1))
     (out / "train-phase1").mkdir()
     (out / "train-phase1" / "metrics.jsonl").write_text(
         json.dumps({"step": 1, "loss": 9.0}) + "\n" + json.dumps({"kind": "eval"}) + "\n"
@@ -107,7 +111,8 @@ def test_summary_reads_the_reports_a_real_run_leaves(tmp_path):
     assert summary["steps"][0] | {"log": None} == {
         "name": "gpu-tests", "status": "failed", "exit_code": 1, "seconds": 95, "log": None,
         "command": "python -m pytest -m gpu"}
-    assert summary["benchmarks"][0]["hybrid_over_transformer_median"] == 1.42
+    assert [b["name"] for b in summary["benchmarks"]] == ["test_paired_ratio[1-triton]", "test_paired_ratio[3-triton]"]
+    assert summary["benchmarks"][1]["hybrid_over_transformer_median"] == 1.42
     assert summary["train"]["first"]["loss"] == 9.0 and summary["train"]["last"]["step"] == 200
     md = (out / "summary.md").read_text()
     for part in ("| gpu-tests | failed | 95 |", "3 passed, 1 failed", "test_paired_ratio[3-triton] | 1.42x | 1.30-1.50 | 1.69x",
