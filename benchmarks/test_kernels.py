@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from benchmarks.test_phases import THREADS, bench_paired, machine
-from model import numba_cfc
-from model.liquid import CfCCell, cfc_scan, cfc_sequence_fused, cfc_sequence_ref
-from model.spiking import lif, lif_ref
-from model.ssm import (
+from model.liquid import CfCCell, cfc_sequence_fused, cfc_sequence_ref
+from model.ops import numba_support
+from model.ops.cfc import cfc_scan
+from model.ops.lif import lif, lif_ref
+from model.ops.selective_scan import (
     numba_available,
     selective_scan_loop,
     selective_scan_numba,
@@ -67,11 +68,11 @@ def test_cfc(benchmark, impl):
     benchmark.pedantic(_fwd_bwd(fn, cell, x, h0), rounds=50, warmup_rounds=2)
 
 
-@pytest.mark.skipif(not numba_cfc.available(), reason="numba not importable")
+@pytest.mark.skipif(not numba_support.available(), reason="numba not importable")
 @pytest.mark.parametrize("b,l,k,q", [(4, 64, 64, 64), (4, 256, 128, 128), (8, 256, 128, 128)],
                          ids=["phase1", "phase3", "phase4"])
 def test_cfc_scan_compiled_over_torch(benchmark, b, l, k, q):
-    """The CfC scan's loops compiled (model.numba_cfc) over its torch loops, forward and
+    """The CfC scan's loops compiled (model.ops.cfc.numba_kernel) over its torch loops, forward and
     backward, paired; at torch's thread count, or LSNN_BENCH_THREADS."""
     benchmark.group = f"CfC scan b{b} l{l} k{k} q{q}, compiled / torch"
     g = torch.Generator().manual_seed(0)

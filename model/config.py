@@ -88,6 +88,8 @@ class ModelConfig:
     """Surrogate gradient of the spike: arctan or fast sigmoid (as snntorch)."""
     surrogate_scale: float | None = None
     """Surrogate sharpness: atan alpha (default 2) or fast-sigmoid slope (default 25)."""
+    lif_impl: Literal["auto", "numba", "torch", "triton"] = "auto"
+    """Where the LIF's per-token loop runs: auto is numba on CPU, triton on GPU where Triton imports, else torch."""
 
     liquid_units: int = 128
     """Hidden units of the liquid cell (q)."""
@@ -97,6 +99,8 @@ class ModelConfig:
     """Width of the CfC backbone layer (ncps' backbone_units); default --liquid-units."""
     ltc_ode_unfolds: int = 6
     """Semi-implicit Euler steps per token of the LTC ODE solver (ncps' ode_unfolds)."""
+    cfc_impl: Literal["auto", "numba", "torch", "triton"] = "auto"
+    """Where the CfC's per-token loops run: auto is numba on CPU, triton on GPU where Triton imports, else torch."""
 
     use_mamba: bool = False
     """Add the selective state-space (Mamba) path to every block."""

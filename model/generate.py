@@ -38,9 +38,10 @@ from torch import Tensor
 
 from model.fusion import CausalCrossAttention
 from model.mamba import Mamba
-from model.scan import discounted_cumsum
-from model.spiking import SpikingPath, lif, spikes_to_features
-from model.ssm import selective_scan
+from model.ops.discounted_cumsum import discounted_cumsum
+from model.ops.lif import lif
+from model.ops.selective_scan import selective_scan
+from model.spiking import SpikingPath, spikes_to_features
 
 if TYPE_CHECKING:
     from model.hybrid import HybridBlock, HybridLM
@@ -164,8 +165,8 @@ def _spiking(path: SpikingPath, h: Tensor, st: BlockState, fresh: bool) -> Tenso
     c = path.cfg
     method, window, thr = c.spike_to_mamba_method, c.spike_rate_window, c.spike_threshold
     if fresh:
-        spk1, mem1 = lif(path.encoder(h), c.beta, thr, c.surrogate, c.surrogate_scale)
-        spk2, mem2 = lif(path.synapse(spk1), c.beta, thr, c.surrogate, c.surrogate_scale)
+        spk1, mem1 = lif(path.encoder(h), c.beta, thr, c.surrogate, c.surrogate_scale, c.lif_impl)
+        spk2, mem2 = lif(path.synapse(spk1), c.beta, thr, c.surrogate, c.surrogate_scale, c.lif_impl)
         feats = spikes_to_features(spk2, mem2, method, window, c.spike_temporal_tau, thr)
         st.mem1, st.mem2 = mem1[:, -1].float(), mem2[:, -1].float()
         if method == "rate":

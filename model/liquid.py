@@ -12,8 +12,9 @@ keeps its reference beside it:
   depend on the state (input projections, the whole sensory synapse) hoisted out of the
   loop; plain autograd, any mode.
 - ``cfc_sequence_fused``: the hot path (CfC default mode, one tanh-family backbone layer)
-  as a ``torch.autograd.Function`` whose backward is a hand-derived reverse loop; on the
-  CPU both loops run compiled (``model.numba_cfc``), elsewhere as torch kernels.
+  through ``model.ops.cfc.cfc_scan``, one op whose backward is a hand-derived reverse loop;
+  its per-token loops run compiled (numba) on the CPU, as one Triton kernel each on CUDA,
+  or as torch kernels (``--cfc-impl``).
 
 Shape letters:
     b  batch
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model import numba_cfc
+from model.ops.cfc import CFC_IMPLS, cfc_scan
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
@@ -210,154 +211,9 @@ def cfc_fusable(cell: CfCCell) -> bool:
     return cell.mode == "default" and cell.backbone_layers == 1 and cell.backbone_activation in _TANH_SCALES
 
 
-def cfc_scan_ref(
-    zx: Tensor, h0: Tensor, w_h: Tensor, w_p: Tensor, b_p: Tensor, scale_in: float = 1.0, scale_out: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """The default-mode, one-layer CfC recurrence, straight from the equations:
-
-        a_t = scale_out * tanh(scale_in * (zx_t + h_{t-1} w_h^T))    (b k)
-        p_t = a_t w_p^T + b_p                                         (b 3q)  ff1 | ff2 | gate
-        h_t = lerp(tanh(p_t1), tanh(p_t2), sigmoid(p_t3))             (b q)
-
-    zx (b l k) is the input half of the backbone, x w_x^T + b, for every token; the gate's
-    head is ts * time_a + time_b. Returns (h for every token (b l q), last h (b q)).
-    """
-    h, hs = h0, []
-    for zx_t in zx.unbind(1):
-        a = scale_out * torch.tanh(scale_in * (zx_t + h @ w_h.t()))  # (b k)
-        p1, p2, p3 = (a @ w_p.t() + b_p).chunk(3, 1)  # (b q) each
-        h = torch.tanh(p1) * (1 - torch.sigmoid(p3)) + torch.sigmoid(p3) * torch.tanh(p2)  # (b q)
-        hs.append(h)
-    return torch.stack(hs, 1), h
-
-
-def _cfc_forward_torch(m0: Tensor, w_mt: Tensor, w_pt: Tensor, acts: Tensor, sigs: Tensor, m_all: Tensor) -> None:
-    """``_CfCScan``'s forward loop as torch kernels, in place, with ``numba_cfc.cfc_forward``'s
-    arguments: acts (l b k) holds zx' and sigs (l b 3q) the bias on entry, each token's
-    products accumulate into its slot (addmm_, beta = 1: five kernels a token and no copy
-    inside them, where addmm(..., out=) copies its summand first)."""
-    l, b, q = m_all.shape
-    heads = [x.unbind(0) for x in sigs.view(l, b, 3, q).unbind(2)]  # 3 x l x (b q)
-    m = m0
-    for a, s, f1, f2, gate, m_t in zip(acts.unbind(0), sigs.unbind(0), *heads, m_all.unbind(0)):
-        a.addmm_(m, w_mt).tanh_()  # (b k)
-        s.addmm_(a, w_pt).sigmoid_()  # (b 3q)
-        m = torch.lerp(f1, f2, gate, out=m_t)  # (b q)
-
-
-def _cfc_backward_torch(w_p: Tensor, w_m: Tensor, acts: Tensor, sigs: Tensor, gms: Tensor, dp_all: Tensor,
-                        dz_all: Tensor) -> None:
-    """``_CfCScan``'s backward loop as torch kernels, in place, with ``numba_cfc.cfc_backward``'s
-    arguments. The local derivatives are batched over tokens first; per token, the gradients
-    go straight into their slot of one buffer (out=), and the carry into dL/dm_{t-1}'s slot
-    (addmm_), so each slot is the whole dL/dm_t when its token's turn comes."""
-    l, b, q = gms.shape
-    s1, s2, g = sigs.chunk(3, 2)  # (l b q) each
-    # d m_t / d p_t for every token at once: lerp's partials times sigmoid's.
-    coef = torch.stack([1 - g, g, s2 - s1], 2) * (sigs * (1 - sigs)).view(l, b, 3, q)  # (l b 3 q)
-    dtanh = 1 - acts * acts  # (l b k)
-    steps = zip(
-        reversed(coef.unbind(0)), reversed(dtanh.unbind(0)), reversed(gms.view(l, b, 1, q).unbind(0)),
-        reversed((None, *gms.unbind(0)[:-1])),
-        reversed(dp_all.view(l, b, 3, q).unbind(0)), reversed(dp_all.unbind(0)), reversed(dz_all.unbind(0)),
-    )
-    for coef_t, dtanh_t, gm3, gm_prev, dp3, dp, dz in steps:
-        torch.mul(coef_t, gm3, out=dp3)  # (b 3 q)
-        torch.mm(dp, w_p, out=dz).mul_(dtanh_t)  # (b k)
-        if gm_prev is not None:
-            gm_prev.addmm_(dz, w_m)  # completes dL/dm_{t-1}
-
-
-class _CfCScan(torch.autograd.Function):
-    """``cfc_scan_ref`` at five kernels a token (or one compiled loop), with a hand-written backward.
-
-    With tanh(f) = 2 sigmoid(2 f) - 1 and m = (h + 1) / 2 the step becomes
-
-        a_t = tanh(zx'_t + m_{t-1} w_m^T)    zx' = i (zx - w_h 1),  w_m = 2 i w_h
-        s_t = sigmoid(a_t w_p'^T + b_p')      w_p', b_p': rows times (2o, 2o, o), (2, 2, 1)
-        m_t = lerp(s_t1, s_t2, s_t3)
-
-    so one sigmoid serves the three heads and h = 2 m - 1 folds into the weights. The loop
-    runs time-major (l b ...) so every per-token slice is contiguous; backward is the
-    reverse loop over the saved activations, with the local derivatives and the weight
-    gradients batched over tokens, then chained back through the folding by hand.
-
-    ``compiled``: the two loops run in ``model.numba_cfc`` (each thread whole rows of the
-    batch, no per-token dispatch) instead of as torch kernels; the buffers, the folding and
-    the batched weight gradients are the same.
-    """
-
-    @staticmethod
-    def forward(ctx, zx, h0, w_h, w_p, b_p, scale_in: float, scale_out: float, compiled: bool):  # type: ignore[override]
-        q = h0.shape[1]
-        rows = zx.new_full((3 * q,), 2.0)  # (3q): 2, 2, 1 a head; no tensor from Python data (on a GPU, a sync)
-        rows[2 * q:] = 1.0
-        b, l, k = zx.shape
-        w_mt = (w_h.t() * (2 * scale_in)).contiguous()  # (q k)
-        w_pt = (w_p.t() * (rows * scale_out)).contiguous()  # (k 3q)
-        m0 = (h0 + 1) * 0.5
-        # The buffers start as the additive terms (zx' and the bias); the loops accumulate
-        # each token's products into its slot.
-        acts = torch.sub(zx.transpose(0, 1), w_h.sum(1), out=zx.new_empty(l, b, k)).mul_(scale_in)  # (l b k)
-        sigs = (b_p * rows).expand(l, b, 3 * q).contiguous()  # (l b 3q)
-        m_all = zx.new_empty(l, b, q)
-        (numba_cfc.cfc_forward if compiled else _cfc_forward_torch)(m0, w_mt, w_pt, acts, sigs, m_all)
-        m = m_all[-1] if l else m0
-        ctx.compiled = compiled
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(m0, w_mt, w_pt, rows, m_all, acts, sigs)
-        ctx.scale_in, ctx.scale_out = scale_in, scale_out
-        return (m_all * 2 - 1).transpose(0, 1), m * 2 - 1  # (b l q), (b q)
-
-    @staticmethod
-    def backward(ctx, gy, gh):  # type: ignore[override]
-        m0, w_mt, w_pt, rows, m_all, acts, sigs = ctx.saved_tensors
-        l, b, q = m_all.shape
-        w_m, w_p = w_mt.t().contiguous(), w_pt.t().contiguous()  # (k q), (3q k)
-        # dL/dm_t = 2 dL/dh_t; the loops add the carry from m_{t+1} into the same slot
-        gms = torch.mul(gy.transpose(0, 1), 2, out=gy.new_empty(l, b, q))  # (l b q)
-        gms[-1].add_(gh, alpha=2)
-        dp_all, dz_all = acts.new_empty(l, b, 3 * q), torch.empty_like(acts)  # (l b 3q), (l b k)
-        (numba_cfc.cfc_backward if ctx.compiled else _cfc_backward_torch)(w_p, w_m, acts, sigs, gms, dp_all, dz_all)
-        carry = dz_all[0] @ w_m  # dL/dm_0 -> h0
-        dp_all = dp_all.view(l * b, 3 * q)  # (lb 3q)
-        m_prev = torch.cat([m0.unsqueeze(0), m_all[:-1]]).view(l * b, q)  # (lb q)
-        # Chain back through the folding: zx' = i (zx - w_h 1), w_m = 2 i w_h, rows, m0.
-        si, so = ctx.scale_in, ctx.scale_out
-        d_wh = (dz_all.view(l * b, -1).t() @ m_prev).mul_(2 * si)  # (k q)
-        d_wh.sub_(dz_all.sum((0, 1)).mul_(si).unsqueeze(1))
-        d_wp = (dp_all.t() @ acts.view(l * b, -1)).mul_((rows * so).unsqueeze(1))  # (3q k)
-        d_bp = dp_all.sum(0).mul_(rows)  # (3q)
-        d_zx = dz_all.mul_(si).transpose(0, 1)  # (b l k)
-        return d_zx, carry * 0.5, d_wh, d_wp, d_bp, None, None, None
-
-
-CFC_IMPLS: tuple[str, ...] = ("auto", "numba", "torch")
-
-
-def cfc_scan(
-    zx: Tensor, h0: Tensor, w_h: Tensor, w_p: Tensor, b_p: Tensor, scale_in: float = 1.0, scale_out: float = 1.0,
-    impl: str = "auto",
-) -> tuple[Tensor, Tensor]:
-    """``cfc_scan_ref`` with the hand-written backward of ``_CfCScan``; same arguments:
-    zx (b l k), h0 (b q), w_h (k q), w_p (3q k), b_p (3q) -> (h (b l q), last h (b q)).
-
-    ``impl``: where the per-token loops run. ``numba``: compiled, each thread a share of the
-    batch's rows (``model.numba_cfc``; CPU, fp32/fp64); ``torch``: torch kernels a token,
-    any device; ``auto``: numba where it can, else torch."""
-    if impl not in CFC_IMPLS:
-        raise ValueError(f"unknown CfC implementation {impl!r}; use one of {', '.join(CFC_IMPLS)}")
-    usable = numba_cfc.usable(zx, h0, w_h, w_p, b_p)
-    if impl == "numba" and not usable:
-        raise ValueError(
-            "the numba CfC kernel needs numba installed and CPU tensors of one dtype, fp32 or fp64; got "
-            f"{zx.dtype} on {zx.device}{'' if numba_cfc.available() else ' (numba is not installed)'}; use impl='torch'"
-        )
-    return _CfCScan.apply(zx, h0, w_h, w_p, b_p, scale_in, scale_out, impl != "torch" and usable)
-
-
-def cfc_sequence_fused(cell: CfCCell, x: Tensor, h0: Tensor, ts: float = 1.0) -> tuple[Tensor, Tensor]:
-    """``cfc_sequence`` for a ``cfc_fusable`` cell, through ``cfc_scan``."""
+def cfc_sequence_fused(cell: CfCCell, x: Tensor, h0: Tensor, ts: float = 1.0, impl: str = "auto"
+                       ) -> tuple[Tensor, Tensor]:
+    """``cfc_sequence`` for a ``cfc_fusable`` cell, through ``cfc_scan`` (its ``impl``)."""
     if not cfc_fusable(cell):
         raise ValueError(
             f"the fused CfC path covers mode 'default' with one {'/'.join(_TANH_SCALES)} backbone "
@@ -368,7 +224,7 @@ def cfc_sequence_fused(cell: CfCCell, x: Tensor, h0: Tensor, ts: float = 1.0) ->
     w_x, w_h = first.weight.to(x.dtype).split([cell.input_size, cell.hidden_size], 1)  # (k i), (k q)
     heads_w, heads_b = _cfc_heads(cell, ts, x.dtype)  # (3q k), (3q)
     zx = F.linear(x, w_x, first.bias.to(x.dtype))  # (b l k)
-    return cfc_scan(zx, h0, w_h, heads_w, heads_b, *_TANH_SCALES[cell.backbone_activation])
+    return cfc_scan(zx, h0, w_h, heads_w, heads_b, *_TANH_SCALES[cell.backbone_activation], impl=impl)
 
 
 # ---------------------------------------------------------------------------------------
@@ -582,8 +438,9 @@ class LiquidLayer(nn.Module):
     ``fused=False`` runs the reference (the cell stepped token by token).
 
     ``backbone_units`` and the keyword-only CfC options apply to ``cfc``; ``ode_unfolds``
-    to ``ltc``. The LTC's hoisted sensory synapse holds a (b l i q) activation for backward,
-    as many bytes as stepping the cell would save across the tokens.
+    to ``ltc``; ``cfc_impl`` is where the fused CfC scan's loops run (``model.ops.cfc``). The
+    LTC's hoisted sensory synapse holds a (b l i q) activation for backward, as many bytes
+    as stepping the cell would save across the tokens.
     """
 
     def __init__(
@@ -598,14 +455,18 @@ class LiquidLayer(nn.Module):
         backbone_activation: str = "lecun_tanh",
         backbone_layers: int = 1,
         fused: bool = True,
+        cfc_impl: str = "auto",
     ) -> None:
         super().__init__()
         if backbone not in LIQUID_BACKBONES:
             raise ValueError(f"unknown liquid backbone {backbone!r}; use one of {', '.join(LIQUID_BACKBONES)}")
+        if cfc_impl not in CFC_IMPLS:
+            raise ValueError(f"unknown CfC implementation {cfc_impl!r}; use one of {', '.join(CFC_IMPLS)}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.backbone = backbone
         self.fused = fused
+        self.cfc_impl = cfc_impl
         self.cell: CfCCell | LTCCell
         if backbone == "cfc":
             self.cell = CfCCell(input_size, hidden_size, mode, backbone_activation, backbone_units, backbone_layers)
@@ -621,6 +482,7 @@ class LiquidLayer(nn.Module):
             backbone=cfg.liquid_backbone,
             backbone_units=cfg.liquid_backbone_units,
             ode_unfolds=cfg.ltc_ode_unfolds,
+            cfc_impl=cfg.cfc_impl,
         )
 
     def extra_repr(self) -> str:
@@ -650,5 +512,5 @@ class LiquidLayer(nn.Module):
         if not self.fused:
             return cfc_sequence_ref(cell, x, h0)
         if cfc_fusable(cell):
-            return cfc_sequence_fused(cell, x, h0)
+            return cfc_sequence_fused(cell, x, h0, impl=self.cfc_impl)
         return cfc_sequence(cell, x, h0)

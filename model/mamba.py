@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
-from model.mamba_fused import mamba_inner
-from model.ssm import SCAN_IMPLS, ScanImpl, resolve_scan_impl, selective_scan
+from model.ops.selective_scan import SCAN_IMPLS, ScanImpl, resolve_scan_impl, selective_scan
+from model.ops.selective_scan.mamba_inner import mamba_inner
 
 
 class Mamba(nn.Module):
@@ -109,7 +109,7 @@ class Mamba(nn.Module):
 
     def _fused(self, xz: Tensor) -> Tensor:
         """(b l 2e) -> (b l d), out_proj included, in one autograd Function that keeps only
-        xz and the weights (``model.mamba_fused``): the CPU path, where the scan is the
+        xz and the weights (``model.ops.selective_scan.mamba_inner``): the CPU path, where the scan is the
         numba kernel, under autograd. Without autograd nothing is saved, and the op-by-op path is what
         ``model.generate``'s prefill runs, so its logits equal the forward's bit for bit
         (the fused forward alone would be about 1.2x faster there)."""

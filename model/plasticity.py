@@ -3,7 +3,7 @@ layers (``SpikingPath.synapse``): pre = first layer's spikes, post = second laye
 
 Each rule maps the spike trains of one batch to a weight change dW (i j) for the synapse
 weight W (i j), post-synaptic i receiving from pre-synaptic j. Traces are causal
-exponential filters, computed for every token at once with ``model.scan``; updates are
+exponential filters, computed for every token at once with ``model.ops.discounted_cumsum``; updates are
 batched einsums. There are no loops over time lags. The caller scales dW by a learning
 rate and applies it through the stability guard; nothing here clamps weights, which keep
 their sign freedom.
@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model.scan import discounted_cumsum
+from model.ops.discounted_cumsum import discounted_cumsum
 
 RULES = ("classical", "triplet", "homeostatic", "bcm")
 

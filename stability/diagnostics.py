@@ -39,7 +39,7 @@ from torch import nn
 
 from model.fusion import CausalCrossAttention
 from model.mamba import Mamba
-from model.ssm import selective_scan
+from model.ops.selective_scan import selective_scan
 from stability.distributed import Dist, all_reduce_, local
 
 FIELDS = ("grad_norm", "param_norm", "firing_rate_pre", "firing_rate_post", "membrane_abs", "liquid_abs",

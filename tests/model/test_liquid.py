@@ -10,15 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from model import numba_cfc
 from model.config import ModelConfig
 from model.liquid import (
     CfCCell,
     LiquidLayer,
     LTCCell,
     cfc_fusable,
-    cfc_scan,
-    cfc_scan_ref,
     cfc_sequence,
     cfc_sequence_ref,
     ltc_sequence,
@@ -248,27 +245,6 @@ def test_ltc_initialisation_follows_ncps_ranges_and_polarity_from_torch_rng():
 # --------------------------------------------------------------------------- fast vs reference
 
 
-needs_numba = pytest.mark.skipif(not numba_cfc.available(), reason="numba not installed: pip install numba")
-# the scan's two implementations of its per-token loops: compiled (the CPU default) and torch's
-IMPLS = [pytest.param("numba", marks=needs_numba), "torch"]
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.666, 1.7159)])
-def test_cfc_scan_backward_passes_gradcheck_in_float64(scales, impl):
-    torch.manual_seed(7)
-    l, b, k, q = 5, 3, 6, 4
-    args = [
-        torch.randn(b, l, k, dtype=torch.float64),
-        torch.rand(b, q, dtype=torch.float64) * 2 - 1,
-        torch.randn(k, q, dtype=torch.float64) * 0.5,
-        torch.randn(3 * q, k, dtype=torch.float64) * 0.5,
-        torch.randn(3 * q, dtype=torch.float64),
-    ]
-    args = [a.requires_grad_() for a in args]
-    assert torch.autograd.gradcheck(lambda *a: cfc_scan(*a, *scales, impl=impl), args)
-
-
 @pytest.mark.parametrize("backbone", ["cfc", "ltc"])
 def test_fast_layer_passes_gradcheck_end_to_end_in_float64(backbone):
     """Inputs, h0 and every parameter, through the weight folding of the fused path."""
@@ -282,28 +258,6 @@ def test_fast_layer_passes_gradcheck_end_to_end_in_float64(backbone):
         return torch.func.functional_call(layer, dict(zip(names, ps)), (x, h0))
 
     assert torch.autograd.gradcheck(run, [x, h0, *params])
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("length", [1, 2, 40])
-def test_cfc_scan_equals_its_reference_in_value_and_gradient(length, impl):
-    torch.manual_seed(8)
-    b, k, q = 3, 16, 8
-    args = [
-        torch.randn(b, length, k, dtype=torch.float64),
-        torch.randn(b, q, dtype=torch.float64),
-        torch.randn(k, q, dtype=torch.float64) * 0.3,
-        torch.randn(3 * q, k, dtype=torch.float64) * 0.3,
-        torch.randn(3 * q, dtype=torch.float64),
-    ]
-    args = [a.requires_grad_() for a in args]
-    gy, gh = torch.randn(b, length, q, dtype=torch.float64), torch.randn(b, q, dtype=torch.float64)
-    fast = cfc_scan(*args, 0.666, 1.7159, impl=impl)
-    ref = cfc_scan_ref(*args, 0.666, 1.7159)
-    assert_close(fast[0], ref[0], msg="h sequence")
-    assert_close(fast[1], ref[1], msg="last h")
-    _assert_grads_close(_grads(*fast, gy, gh, args), _grads(*ref, gy, gh, args),
-                        ["zx", "h0", "w_h", "w_p", "b_p"], msg=f"l={length}")
 
 
 def _layer_pair(backbone: str, **kw) -> tuple[LiquidLayer, LiquidLayer]:
@@ -534,3 +488,28 @@ def test_sequence_functions_agree_with_layer_dispatch():
         assert_close(cfc(x, h0)[0], cfc_sequence_ref(cfc.cell, x, h0)[0], msg="cfc ref")
         assert_close(ltc(x, h0)[0], ltc_sequence(ltc.cell, x, h0)[0], msg="ltc")
         assert_close(ltc(x, h0)[0], ltc_sequence_ref(ltc.cell, x, h0)[0], msg="ltc ref")
+
+
+@pytest.mark.parametrize("impl,loops", [("torch", "torch_loop"), ("numba", "numba_kernel"), ("triton", "triton_kernel")])
+def test_cfc_impl_picks_where_the_layers_loops_run(impl, loops, monkeypatch):
+    """--cfc-impl reaches the scan: the asked implementation's loops run, forward and backward."""
+    from model.ops import numba_support, triton_support
+
+    if impl == "numba" and not numba_support.available():
+        pytest.skip("numba not installed")
+    if impl == "triton" and not triton_support.interpreted():
+        pytest.skip("Triton compiles in this process: the gpu tests cover it")
+    module = importlib.import_module(f"model.ops.cfc.{loops}")
+    calls = []
+    for fn in ("cfc_forward", "cfc_backward"):
+        monkeypatch.setattr(module, fn, lambda *a, real=getattr(module, fn), fn=fn: calls.append(fn) or real(*a))
+    layer = LiquidLayer.from_config(ModelConfig(liquid_units=8, liquid_backbone_units=16, cfc_impl=impl), 6)
+    assert layer.cfc_impl == impl
+    y, _ = layer(torch.randn(2, 5, 6))
+    y.sum().backward()
+    assert calls == ["cfc_forward", "cfc_backward"]
+
+
+def test_unknown_cfc_impl_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown CfC implementation 'gpu'; use one of auto, numba, torch, triton"):
+        LiquidLayer(4, 4, cfc_impl="gpu")

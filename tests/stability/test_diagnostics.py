@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.ssm import selective_scan_ref
+from model.ops.selective_scan import selective_scan_ref
 from stability.diagnostics import FIELDS, BlockProbe
 from stability.trainer import lm_loss
 from tests.helpers import assert_close

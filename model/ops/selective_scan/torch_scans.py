@@ -1,178 +1,27 @@
-"""Selective state-space scan (Mamba's S6): the reference and its fast paths.
-
-    x_t = exp(delta_t * A) * x_{t-1} + delta_t * B_t * u_t      (per channel e, state n)
-    y_t = <x_t, C_t> + D * u_t,      out_t = y_t * silu(z_t)
-
-Arguments, shapes and semantics follow mamba-ssm's ``selective_scan_ref`` (real A only):
-``selective_scan_ref`` is the oracle, written straight from the equation;
-``selective_scan_numba`` is the fast CPU path (a compiled kernel, ``model.numba_scan``);
-``selective_scan_loop`` is the CPU path in plain torch (hand-written backward), where
-numba is absent;
-``selective_scan_parallel`` is a work-efficient log-depth (Blelloch) scan in plain torch,
-the GPU path without a kernel;
-``selective_scan_triton`` is a Triton kernel (``model.triton_scan``), the GPU path
-without mamba-ssm;
-``selective_scan_chunked`` is a chunked parallel scan (quadratic inside a chunk), kept as
-a second plain-torch GPU path;
-``selective_scan`` dispatches between them and mamba-ssm's CUDA kernel.
-
-Shape letters:
-    b  batch
-    e  channels (Mamba's inner width, d_inner)
-    n  state size per channel (d_state)
-    l  sequence length
-    g  groups of channels sharing one B or C (e divisible by g); h = e // g channels a group
-    t, s  positions inside one chunk (chunked scan)
-    p  the sequence padded to a power of two (parallel scan)
-
-B and C are each (e n) constant, (b n l) variable or (b g n l) grouped. The scan runs in
-fp32 (fp64 stays fp64, so gradcheck can use it); the output is cast back to u's dtype and
-the last state (b e n) is returned in the compute dtype, as mamba-ssm's reference does.
+"""The selective scan in plain torch: the loop (the CPU path where numba is absent), the
+work-efficient parallel (Blelloch) scan and the chunked scan (GPU paths without a kernel).
+Each is tested against ``reference.selective_scan_ref``. Shape letters as in
+``model.ops.selective_scan``; t, s are positions inside one chunk (chunked scan), p the
+sequence padded to a power of two (parallel scan).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
 import itertools
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-ScanImpl = Literal["auto", "numba", "loop", "parallel", "triton", "chunked", "cuda", "ref"]
-SCAN_IMPLS: tuple[str, ...] = ("auto", "numba", "loop", "parallel", "triton", "chunked", "cuda", "ref")
-
-ScanResult = Tensor | tuple[Tensor, Tensor]
-
-
-# ---------------------------------------------------------------------------------------
-# Shared checks and the fp32 prologue/epilogue
-# ---------------------------------------------------------------------------------------
-
-
-def _check_inputs(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-    D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None,
-) -> None:
-    """Raise a ValueError naming the shapes when the arguments do not fit together."""
-    if A.is_complex():
-        raise ValueError(
-            "complex A is not supported by this selective scan; pass a real A (e n), "
-            "as Mamba's S4D-real initialisation does"
-        )
-    if u.dim() != 3 or delta.shape != u.shape or A.dim() != 2 or A.shape[0] != u.shape[1]:
-        raise ValueError(
-            f"expected u and delta (b e l) and A (e n) with the same e; got u {tuple(u.shape)}, "
-            f"delta {tuple(delta.shape)}, A {tuple(A.shape)}"
-        )
-    (b, e, l), n = u.shape, A.shape[1]
-    if l < 1:
-        raise ValueError(f"the sequence is empty: u {tuple(u.shape)} has length l = 0")
-    for name, t in (("B", B), ("C", C)):
-        ok = (
-            (t.dim() == 2 and tuple(t.shape) == (e, n))
-            or (t.dim() == 3 and tuple(t.shape) == (b, n, l))
-            or (t.dim() == 4 and tuple(t.shape) == (b, t.shape[1], n, l) and t.shape[1] > 0
-                and e % t.shape[1] == 0)
-        )
-        if not ok:
-            raise ValueError(
-                f"{name} {tuple(t.shape)} fits none of (e n)={(e, n)}, (b n l)={(b, n, l)} "
-                f"or (b g n l) with e={e} divisible by g"
-            )
-    for name, t, shape in (("D", D, (e,)), ("z", z, (b, e, l)), ("delta_bias", delta_bias, (e,))):
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} must be {shape} for u {tuple(u.shape)}, got {tuple(t.shape)}")
-
-
-def _compute_dtype(u: Tensor) -> torch.dtype:
-    """fp32 for fp32 and below, fp64 for fp64."""
-    return torch.promote_types(u.dtype, torch.float32)
-
-
-def _discretize_delta(
-    delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, dtype: torch.dtype
-) -> Tensor:
-    delta = delta.to(dtype)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)[:, None]
-    return F.softplus(delta) if delta_softplus else delta
-
-
-def _skip_and_gate(
-    y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, dtype_out: torch.dtype
-) -> Tensor:
-    """out = (y + D u) * silu(z), cast to the input dtype; y and u in the compute dtype."""
-    if D is not None:
-        y = y + u * D.to(y.dtype)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(y.dtype))
-    return y.to(dtype_out)
-
-
-# ---------------------------------------------------------------------------------------
-# Reference: the test oracle, straight from the equation
-# ---------------------------------------------------------------------------------------
-
-
-def selective_scan_ref(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-) -> ScanResult:
-    """Sequential selective scan, as mamba-ssm's ``selective_scan_ref``; the oracle."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    dtype_in, dtype = u.dtype, _compute_dtype(u)
-    e = u.shape[1]
-    u, delta, A = u.to(dtype), delta.to(dtype), A.to(dtype)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    # Grouped B/C: each group's matrix is shared by its e/g channels.
-    if B.dim() == 4:
-        B = B.repeat_interleave(e // B.shape[1], dim=1)  # (b e n l)
-    if C.dim() == 4:
-        C = C.repeat_interleave(e // C.shape[1], dim=1)  # (b e n l)
-    B, C = B.to(dtype), C.to(dtype)
-
-    deltaA = torch.exp(torch.einsum("bel,en->beln", delta, A))  # (b e l n)
-    if B.dim() == 2:
-        deltaB_u = torch.einsum("bel,en,bel->beln", delta, B, u)  # (b e l n)
-    elif B.dim() == 3:
-        deltaB_u = torch.einsum("bel,bnl,bel->beln", delta, B, u)
-    else:
-        deltaB_u = torch.einsum("bel,benl,bel->beln", delta, B, u)
-    C_steps = [C] * u.shape[2] if C.dim() == 2 else C.unbind(-1)  # each (e n), (b n) or (b e n)
-
-    x = u.new_zeros(u.shape[0], e, A.shape[1])  # (b e n)
-    ys = []
-    for dA_t, dBu_t, C_t in zip(deltaA.unbind(2), deltaB_u.unbind(2), C_steps):
-        x = dA_t * x + dBu_t
-        if C.dim() == 3:  # variable: one (b n) C_t for all channels
-            ys.append(torch.einsum("ben,bn->be", x, C_t))
-        else:  # constant (e n) or per channel (b e n)
-            ys.append((x * C_t).sum(-1))
-    y = torch.stack(ys, dim=2)  # (b e l)
-    out = y if D is None else y + u * D.to(dtype)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(dtype))
-    out = out.to(dtype_in)
-    return (out, x) if return_last_state else out
+from model.ops.selective_scan.reference import (
+    ScanResult,
+    check_inputs,
+    compute_dtype,
+    discretize_delta,
+    skip_and_gate,
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,7 +223,7 @@ def selective_scan_loop(
     Linear in l in time and memory. Unlike mamba-ssm's kernel, the gradient of the
     returned last state is propagated.
     """
-    return _scan_with(
+    return scan_with(
         _LoopScan.apply, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
     )
 
@@ -382,49 +231,19 @@ def selective_scan_loop(
 Core = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def _scan_with(
+def scan_with(
     core: Core, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None,
     delta_softplus: bool, return_last_state: bool,
 ) -> ScanResult:
     """Check, discretise delta and upcast in torch, run ``core(u, dt, A, B, C) -> (y, last)``
     in the compute dtype, then the skip and gate: every fast path but chunked and cuda."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    dtype = _compute_dtype(u)
+    check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    dtype = compute_dtype(u)
     u32 = u.to(dtype)
-    dt = _discretize_delta(delta, delta_bias, delta_softplus, dtype)
+    dt = discretize_delta(delta, delta_bias, delta_softplus, dtype)
     y, last = core(u32, dt, A.to(dtype), B.to(dtype), C.to(dtype))
-    out = _skip_and_gate(y, u32, D, z, u.dtype)
-    return (out, last) if return_last_state else out
-
-
-# ---------------------------------------------------------------------------------------
-# Numba: the CPU kernel (model.numba_scan), the loop's equations in one compiled pass
-# ---------------------------------------------------------------------------------------
-
-
-def selective_scan_numba(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-) -> ScanResult:
-    """The scan, skip and gate as one compiled kernel per direction, on the CPU
-    (``model.numba_scan``).
-
-    Saves only its inputs for the backward, which recomputes dt, the gate and the states
-    channel by channel; the gradient of the returned last state is propagated.
-    """
-    from model.numba_scan import numba_selective_scan
-
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    out, last = numba_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    out = skip_and_gate(y, u32, D, z, u.dtype)
     return (out, last) if return_last_state else out
 
 
@@ -480,12 +299,12 @@ def selective_scan_chunked(
     a CPU. Under autograd each chunk is checkpointed (recomputed in the backward), so
     peak memory is a few of one chunk's matrices, not b e n l chunk_size.
     """
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    dtype = _compute_dtype(u)
+    dtype = compute_dtype(u)
     u32 = u.to(dtype)
-    dt = _discretize_delta(delta, delta_bias, delta_softplus, dtype)
+    dt = discretize_delta(delta, delta_bias, delta_softplus, dtype)
     A32 = A.to(dtype)
     Bm, Cm = _StateMap.of(B, dtype), _StateMap.of(C, dtype)
     grad = torch.is_grad_enabled() and any(
@@ -501,7 +320,7 @@ def selective_scan_chunked(
             y_c, x = _scan_chunk(x, u_c, dt_c, A32, B_c, C_c)
         ys.append(y_c)  # (t b e)
     y = _time_last(torch.cat(ys))  # (b e l)
-    out = _skip_and_gate(y, u32, D, z, u.dtype)
+    out = skip_and_gate(y, u32, D, z, u.dtype)
     return (out, x) if return_last_state else out
 
 
@@ -598,158 +417,6 @@ def selective_scan_parallel(
 ) -> ScanResult:
     """Work-efficient parallel scan in plain torch: O(b e n l) work and memory, O(log l)
     steps of elementwise kernels. The GPU path where neither Triton nor mamba-ssm is."""
-    return _scan_with(
+    return scan_with(
         _ParallelScan.apply, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# Triton: the GPU kernel (model.triton_scan)
-# ---------------------------------------------------------------------------------------
-
-
-def selective_scan_triton(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-) -> ScanResult:
-    """The scan as a Triton kernel (forward and backward), on CUDA or, with
-    TRITON_INTERPRET=1, on the CPU through Triton's interpreter (the tests)."""
-    from model.triton_scan import triton_scan
-
-    return _scan_with(triton_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-
-
-# ---------------------------------------------------------------------------------------
-# Dispatch
-# ---------------------------------------------------------------------------------------
-
-_CUDA_FIX = (
-    "on a CUDA machine `pip install lsnn[cuda]` (mamba-ssm), or choose another "
-    "implementation: --scan-impl numba or --scan-impl loop (CPU), --scan-impl triton or "
-    "--scan-impl parallel (GPU)"
-)
-
-
-@functools.lru_cache(maxsize=1)
-def mamba_ssm_available() -> bool:
-    """Whether mamba-ssm's CUDA selective-scan kernel can be imported."""
-    try:
-        importlib.import_module("mamba_ssm.ops.selective_scan_interface")
-    except (ImportError, OSError, RuntimeError):  # missing, or built against another CUDA/torch
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """Whether Triton is installed (the kernel compiles on first use). Not imported here:
-    Triton reads TRITON_INTERPRET once, when first imported."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def numba_available() -> bool:
-    """Whether numba can be imported, for the CPU kernel."""
-    from model.numba_scan import available
-
-    return available()
-
-
-def triton_interpreted() -> bool:
-    """Whether Triton runs its interpreter (TRITON_INTERPRET=1), on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def resolve_scan_impl(u: Tensor, impl: str) -> str:
-    """The implementation ``selective_scan`` will run for ``u``: never "auto".
-
-    auto: on CUDA mamba-ssm's kernel when installed, else the Triton kernel when Triton
-    imports, else the parallel scan; on the CPU the numba kernel, else the torch loop.
-    """
-    if impl not in SCAN_IMPLS:
-        raise ValueError(
-            f"unknown selective-scan implementation {impl!r}; valid: {', '.join(SCAN_IMPLS)}"
-        )
-    if impl == "auto":
-        if u.is_cuda:
-            if mamba_ssm_available():
-                return "cuda"
-            return "triton" if triton_available() else "parallel"
-        return "numba" if u.device.type == "cpu" and numba_available() else "loop"
-    if impl == "cuda":
-        if not u.is_cuda:
-            raise ValueError(
-                f"--scan-impl cuda runs mamba-ssm's CUDA kernel, but the tensors are on "
-                f"{u.device}; {_CUDA_FIX}"
-            )
-        if not mamba_ssm_available():
-            raise ValueError(
-                f"--scan-impl cuda needs mamba-ssm, which cannot be imported; {_CUDA_FIX}"
-            )
-    if impl == "numba":
-        if u.device.type != "cpu":
-            raise ValueError(
-                f"--scan-impl numba runs on the CPU, but the tensors are on {u.device}; "
-                "use --scan-impl triton or parallel on a GPU"
-            )
-        if not numba_available():
-            raise ValueError("--scan-impl numba needs numba, which cannot be imported; "
-                             "pip install numba, or use --scan-impl loop")
-    if impl == "triton":
-        if not triton_available():
-            raise ValueError("--scan-impl triton needs Triton, which cannot be imported; "
-                             "pip install lsnn[triton], or use --scan-impl parallel")
-        if not (u.is_cuda or triton_interpreted()):
-            raise ValueError(
-                f"--scan-impl triton runs on CUDA (or on the CPU under TRITON_INTERPRET=1, "
-                f"for tests), but the tensors are on {u.device}; use --scan-impl numba or loop"
-            )
-    return impl
-
-
-def _selective_scan_cuda(*args, **kwargs) -> ScanResult:
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-
-    return selective_scan_fn(*args, **kwargs)
-
-
-_IMPLS = {
-    "ref": selective_scan_ref,
-    "numba": selective_scan_numba,
-    "loop": selective_scan_loop,
-    "parallel": selective_scan_parallel,
-    "triton": selective_scan_triton,
-    "chunked": selective_scan_chunked,
-    "cuda": _selective_scan_cuda,
-}
-
-
-def selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    impl: ScanImpl = "auto",
-) -> ScanResult:
-    """The selective scan, by ``impl`` in ``SCAN_IMPLS`` (see the module docstring).
-
-    Returns out (b e l) in u's dtype, and the last state (b e n) if ``return_last_state``.
-    """
-    fn = _IMPLS[resolve_scan_impl(u, impl)]
-    return fn(
-        u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-        delta_softplus=delta_softplus, return_last_state=return_last_state,
     )

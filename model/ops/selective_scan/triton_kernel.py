@@ -3,8 +3,8 @@ mamba-ssm, and nothing to compile but what Triton compiles itself at run time.
 
     x_t = exp(dt_t A) x_{t-1} + dt_t u_t B_t,    y_t = <x_t, C_t>
 
-``triton_scan`` is the core of ``model.ssm.selective_scan_triton``; ``model.ssm``'s
-``selective_scan_ref`` is its oracle. Each program owns a tile of channels of one batch
+``triton_scan`` is the core of ``selective_scan(..., impl="triton")`` (``interface``);
+``reference.selective_scan_ref`` is its oracle. Each program owns a tile of channels of one batch
 row with their whole state (BLOCK_E x BLOCK_N, in registers) and walks the sequence. The
 forward writes y, the last state, and the state at the start of every CHUNK steps; the
 backward walks the chunks from the end, recomputes each chunk's states into a scratch
@@ -35,15 +35,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.interpreter import InterpretedFunction
+
+from model.ops import triton_support
 
 CHUNK = 64
 """Steps between two saved states: the backward recomputes at most this many at once."""
-
-INTERPRETED = isinstance(tl.sum, InterpretedFunction)
-"""Whether this process runs Triton's interpreter. Triton decides when it is first
-imported (its own library functions are jitted then), so TRITON_INTERPRET=1 must be set
-before that; ``model.ssm`` imports this module only when a Triton scan runs."""
 
 
 @triton.jit
@@ -224,10 +220,7 @@ def triton_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple
     if u.dtype != torch.float32:
         raise ValueError(f"the Triton selective scan computes in float32, got {u.dtype}; "
                          "use --scan-impl parallel or loop for float64")
-    if not (u.is_cuda or INTERPRETED):
-        raise ValueError(f"the Triton selective scan runs on CUDA (or on the CPU where Triton was first "
-                         f"imported under TRITON_INTERPRET=1), but the tensors are on {u.device}")
-    if u.is_cuda and INTERPRETED:
-        raise ValueError("Triton was imported under TRITON_INTERPRET=1 in this process, so its kernels "
-                         "would run in the (slow) interpreter; unset it to run them on CUDA")
+    problem = triton_support.device_problem(u)
+    if problem is not None:
+        raise ValueError(f"the Triton selective scan cannot run: {problem}")
     return _TritonScan.apply(u, dt, A, B, C)

@@ -1,7 +1,7 @@
 """The Mamba mixer after in_proj as one autograd Function on the CPU, as mamba-ssm's
 ``mamba_inner_fn``: causal depthwise conv -> silu -> x_proj -> dt_proj -> selective scan
 gated by silu(z) -> out_proj, all on the (b l e) layout in_proj produces and the numba
-kernels (``model.numba_scan.scan_forward``/``scan_backward``) run on.
+kernels (``numba_kernel.scan_forward``/``scan_backward``) run on.
 
 The forward keeps only its inputs (in_proj's output xz and the weights). The backward
 recomputes the conv, its silu, x_dbl and dt (one compiled pass and two small matmuls),
@@ -38,19 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.numba_scan import (
-    _FLAGS,
-    Rows,
-    _bounds,
-    _exp,
-    _launch,
-    _njit,
-    _np,
-    _parts,
-    numba,
-    scan_backward,
-    scan_forward,
-)
+from model.ops.numba_support import FLAGS, as_numpy, bounds, exp, launch, njit, numba, threads
+from model.ops.selective_scan.numba_kernel import Rows, scan_backward, scan_forward
 
 # ---------------------------------------------------------------------------------------
 # The conv, its silu and silu(z) as compiled passes over (b l e)
@@ -58,24 +47,24 @@ from model.numba_scan import (
 
 # At b4 l256 e512, one thread, profiled: the conv and silus in torch ops (this Function's
 # first version) took about 30 ms of a layer's forward and backward, these kernels about 9.
-# Work items are blocks of channels of one sequence, as in ``model.numba_scan``, whose
+# Work items are blocks of channels of one sequence, as in ``numba_kernel``, whose
 # helpers (partitions, the vectorisable exp, the compile flags) these kernels share.
 # numpy's error model: python's checks every division for zero, and that kept the silu's
 # loop scalar (7 ns an element against 0.6).
 _BLOCK = 128  # channels a block: its rows of xz, the taps and the outputs stay in L1
 
 
-@_njit(fastmath=_FLAGS, error_model="numpy", cache=True, nogil=True)
+@njit(fastmath=FLAGS, error_model="numpy", cache=True, nogil=True)
 def _conv_silu_part(p, parts, items, kmax, xz, taps, bias, with_grad,
                     u, dsilu, gate, dgate):  # pragma: no cover - compiled
     """u = silu(conv(x)), gate = silu(z) and, ``with_grad``, their derivatives (b l e)."""
     l, k, e = xz.shape[1], taps.shape[0], taps.shape[1]
     # the conv's outputs then z, so that one loop makes both silus: numba warns about a
-    # function with two inlined ``_exp``s, and a call per row costs more than the row
+    # function with two inlined ``exp``s, and a call per row costs more than the row
     v = np.empty(2 * kmax, dtype=xz.dtype)
     out, grad = np.empty_like(v), np.empty_like(v)
     one = np.ones(1, dtype=xz.dtype)[0]
-    lo, hi = _bounds(p, parts, items.shape[0])
+    lo, hi = bounds(p, parts, items.shape[0])
     for item in range(lo, hi):
         i, c0, c1 = items[item, 0], items[item, 1], items[item, 2]
         w = c1 - c0
@@ -90,7 +79,7 @@ def _conv_silu_part(p, parts, items, kmax, xz, taps, bias, with_grad,
                 for c in range(w):
                     v[c] += tap[c] * x_s[c]
             for c in range(2 * w):
-                sg = one / (one + _exp(-v[c]))
+                sg = one / (one + exp(-v[c]))
                 out[c] = v[c] * sg
                 grad[c] = sg * (one + v[c] * (one - sg))
             u_t, gate_t, ds_t, dg_t = u[i, t, c0:c1], gate[i, t, c0:c1], dsilu[i, t, c0:c1], dgate[i, t, c0:c1]
@@ -103,7 +92,7 @@ def _conv_silu_part(p, parts, items, kmax, xz, taps, bias, with_grad,
                     dg_t[c] = grad[w + c]
 
 
-@_njit(fastmath=_FLAGS, error_model="numpy", cache=True, nogil=True)
+@njit(fastmath=FLAGS, error_model="numpy", cache=True, nogil=True)
 def _conv_silu_backward_part(p, parts, items, kmax, xz, taps, du, dsilu, dz, dxz, dtaps,
                              dbias):  # pragma: no cover - compiled
     """From du = dL/du (b l e): dL/dx and dz into dxz (b l 2e), and this partition's sums
@@ -111,7 +100,7 @@ def _conv_silu_backward_part(p, parts, items, kmax, xz, taps, du, dsilu, dz, dxz
     l, k, e = xz.shape[1], taps.shape[0], taps.shape[1]
     ring = np.empty((k, kmax), dtype=xz.dtype)  # dpre = du * silu' at t .. t+k-1, at t % k
     dtaps_p, dbias_p = dtaps[p], dbias[p]
-    lo, hi = _bounds(p, parts, items.shape[0])
+    lo, hi = bounds(p, parts, items.shape[0])
     for item in range(lo, hi):
         i, c0, c1 = items[item, 0], items[item, 1], items[item, 2]
         w = c1 - c0
@@ -137,13 +126,13 @@ def _conv_silu_backward_part(p, parts, items, kmax, xz, taps, du, dsilu, dz, dxz
                 dz_t[c] = dz_in[c]
 
 
-@_njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _conv_silu_kernel(parts, *args):  # pragma: no cover - compiled
     for p in numba.prange(parts):
         _conv_silu_part(p, parts, *args)
 
 
-@_njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _conv_silu_backward_kernel(parts, *args):  # pragma: no cover - compiled
     for p in numba.prange(parts):
         _conv_silu_backward_part(p, parts, *args)
@@ -166,9 +155,9 @@ def conv_silu(xz: Tensor, taps: Tensor, bias: Tensor | None, with_grad: bool) ->
     u, gate = xz.new_empty(b, l, e), xz.new_empty(b, l, e)
     # without with_grad the kernel writes no derivative: u and gate stand in, in bounds
     dsilu, dgate = (xz.new_empty(b, l, e), xz.new_empty(b, l, e)) if with_grad else (u, gate)
-    _launch(_conv_silu_part, _conv_silu_kernel, _parts(len(items)), items, kmax, _np(xz), _np(taps),
-            _np(bias if bias is not None else xz.new_zeros(e)), with_grad,
-            _np(u), _np(dsilu), _np(gate), _np(dgate))
+    launch(_conv_silu_part, _conv_silu_kernel, threads(len(items)), items, kmax, as_numpy(xz), as_numpy(taps),
+           as_numpy(bias if bias is not None else xz.new_zeros(e)), with_grad,
+           as_numpy(u), as_numpy(dsilu), as_numpy(gate), as_numpy(dgate))
     return (u, gate, dsilu, dgate) if with_grad else (u, gate)
 
 
@@ -177,11 +166,11 @@ def conv_silu_backward(xz: Tensor, taps: Tensor, du: Tensor, dsilu: Tensor, dz: 
     dL/dz (b l e), all contiguous."""
     (b, l, e2), (k, e) = xz.shape, taps.shape
     items, kmax = _items(b, e)
-    parts = _parts(len(items))
+    parts = threads(len(items))
     dtaps, dbias = xz.new_zeros(parts, k, e), xz.new_zeros(parts, e)  # per-thread sums
     dxz = xz.new_empty(b, l, e2)
-    _launch(_conv_silu_backward_part, _conv_silu_backward_kernel, parts, items, kmax, _np(xz), _np(taps),
-            _np(du), _np(dsilu), _np(dz), _np(dxz), _np(dtaps), _np(dbias))
+    launch(_conv_silu_backward_part, _conv_silu_backward_kernel, parts, items, kmax, as_numpy(xz), as_numpy(taps),
+           as_numpy(du), as_numpy(dsilu), as_numpy(dz), as_numpy(dxz), as_numpy(dtaps), as_numpy(dbias))
     return dxz, dtaps.sum(0), dbias.sum(0)
 
 

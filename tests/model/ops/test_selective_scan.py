@@ -12,13 +12,13 @@ import typing
 from collections.abc import Callable
 from functools import partial
 
-import numpy as np
 import pytest
 import torch
 
-from model import numba_scan, ssm
+from model.ops import numba_support, triton_support
+from model.ops.selective_scan import interface, numba_kernel, torch_scans
 from model.config import ModelConfig
-from model.ssm import (
+from model.ops.selective_scan import (
     SCAN_IMPLS,
     mamba_ssm_available,
     numba_available,
@@ -183,16 +183,16 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not imp
 
 def _loop_blocks(steps: int) -> Callable[[pytest.MonkeyPatch, int], None]:
     """The loop's time blocks set to ``steps`` steps for a state of b * e * n elements."""
-    return lambda mp, state_elems: mp.setattr(ssm, "_BLOCK_ELEMS", steps * state_elems)
+    return lambda mp, state_elems: mp.setattr(torch_scans, "_BLOCK_ELEMS", steps * state_elems)
 
 
 def _triton_interpreted(mp: pytest.MonkeyPatch, state_elems: int) -> None:
     """Triton's interpreter on the CPU, with chunks of 8 steps: chunk boundaries are
     crossed at l = 17 and 130, and the interpreter walks fewer padded steps.
 
-    TRITON_INTERPRET is set at collection (tests/model/conftest.py) where CUDA is absent."""
-    triton_scan = importlib.import_module("model.triton_scan")
-    if not triton_scan.INTERPRETED:
+    TRITON_INTERPRET is set at collection (tests/conftest.py) where CUDA is absent."""
+    triton_scan = importlib.import_module("model.ops.selective_scan.triton_kernel")
+    if not triton_support.interpreted():
         pytest.skip("Triton compiles in this process (TRITON_INTERPRET unset, or CUDA present): "
                     "the CUDA variants test the kernel")
     mp.setattr(triton_scan, "CHUNK", 8)
@@ -202,8 +202,8 @@ def _numba_blocks(mp: pytest.MonkeyPatch, channels: int, ln: int = 1) -> None:
     """The numba kernels' blocks at most ``channels`` wide: the forward's, and the
     backward's at length times state size ``ln`` (its width is its buffers' elements over
     l n; with one channel, any l n)."""
-    mp.setattr(numba_scan, "_FORWARD_BLOCK", channels)
-    mp.setattr(numba_scan, "_BLOCK_ELEMS", channels * ln)
+    mp.setattr(numba_kernel, "_FORWARD_BLOCK", channels)
+    mp.setattr(numba_kernel, "_BLOCK_ELEMS", channels * ln)
 
 
 # name -> (scan, set-up of its blocking). The loop is checked with its default time blocks
@@ -213,7 +213,7 @@ def _numba_blocks(mp: pytest.MonkeyPatch, channels: int, ln: int = 1) -> None:
 IMPLS: dict[str, tuple[ScanFn, Callable[[pytest.MonkeyPatch, int], None] | None]] = {
     "numba": (selective_scan_numba, None),
     "numba_block1": (selective_scan_numba, lambda mp, _: _numba_blocks(mp, 1)),
-    "numba_parts3": (selective_scan_numba, lambda mp, _: mp.setattr(numba_scan, "_parts", lambda k: min(k, 3))),
+    "numba_parts3": (selective_scan_numba, lambda mp, _: mp.setattr(numba_kernel, "threads", lambda k: min(k, 3))),
     "loop": (selective_scan_loop, None),
     "loop_block1": (selective_scan_loop, _loop_blocks(1)),
     "loop_block3": (selective_scan_loop, _loop_blocks(3)),
@@ -336,7 +336,7 @@ def test_fast_scans_match_reference_over_the_wide_grid(impl, impl_name, l, B_kin
 )
 @pytest.mark.parametrize(("B_kind", "C_kind"), [("grouped", "variable"), ("constant", "grouped")])
 def test_fast_scan_gradients_pass_float64_gradcheck(monkeypatch, name, fn, B_kind, C_kind):
-    monkeypatch.setattr(ssm, "_BLOCK_ELEMS", 2 * 2 * 4 * 2)  # loop: blocks of 2 steps
+    monkeypatch.setattr(torch_scans, "_BLOCK_ELEMS", 2 * 2 * 4 * 2)  # loop: blocks of 2 steps
     _numba_blocks(monkeypatch, 3, ln=7 * 2)  # numba: blocks of 3 channels
     inputs = make_inputs(2, 4, 2, 7, B_kind, C_kind)
     args = [v.detach().double().requires_grad_() for v in inputs.values()]
@@ -463,7 +463,7 @@ def test_cuda_impl_on_cpu_tensors_raises_saying_how_to_fix():
 def test_auto_on_cpu_resolves_to_numba_else_loop(monkeypatch):
     expected = "numba" if numba_available() else "loop"
     assert resolve_scan_impl(torch.zeros(1, 2, 3), "auto") == expected
-    monkeypatch.setattr(ssm, "numba_available", lambda: False)
+    monkeypatch.setattr(interface, "numba_available", lambda: False)
     assert resolve_scan_impl(torch.zeros(1, 2, 3), "auto") == "loop"
 
 
@@ -475,20 +475,20 @@ def test_config_offers_exactly_the_scan_impls():
 
 
 def test_numba_impl_without_numba_raises_saying_how_to_fix(monkeypatch):
-    monkeypatch.setattr(ssm, "numba_available", lambda: False)
+    monkeypatch.setattr(interface, "numba_available", lambda: False)
     with pytest.raises(ValueError, match=r"needs numba.*pip install numba.*--scan-impl loop"):
         resolve_scan_impl(torch.zeros(1, 2, 3), "numba")
 
 
 @needs_triton
 def test_triton_impl_on_cpu_without_the_interpreter_raises_saying_how_to_fix(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(triton_support, "interpreted", lambda: False)
     with pytest.raises(ValueError, match=r"--scan-impl triton runs on CUDA.*TRITON_INTERPRET=1.*numba or loop"):
         resolve_scan_impl(torch.zeros(1, 2, 3), "triton")
 
 
 def test_triton_impl_without_triton_raises_saying_how_to_fix(monkeypatch):
-    monkeypatch.setattr(ssm, "triton_available", lambda: False)
+    monkeypatch.setattr(interface, "triton_available", lambda: False)
     with pytest.raises(ValueError, match=r"needs Triton.*pip install lsnn\[triton\].*--scan-impl parallel"):
         resolve_scan_impl(torch.zeros(1, 2, 3), "triton")
 
@@ -519,8 +519,8 @@ def test_auto_on_cuda_picks_mamba_ssm_else_triton_else_parallel(monkeypatch):
     expected = "cuda" if mamba_ssm_available() else "triton" if triton_available() else "parallel"
     u = torch.zeros(1, 2, 3, device="cuda")
     assert resolve_scan_impl(u, "auto") == expected
-    monkeypatch.setattr(ssm, "mamba_ssm_available", lambda: False)
-    monkeypatch.setattr(ssm, "triton_available", lambda: False)
+    monkeypatch.setattr(interface, "mamba_ssm_available", lambda: False)
+    monkeypatch.setattr(interface, "triton_available", lambda: False)
     assert resolve_scan_impl(u, "auto") == "parallel"
 
 
@@ -532,7 +532,7 @@ def test_numba_impl_on_cuda_tensors_raises_saying_how_to_fix():
 
 @pytest.mark.gpu
 def test_cuda_impl_without_mamba_ssm_raises_saying_how_to_fix(monkeypatch):
-    monkeypatch.setattr(ssm, "mamba_ssm_available", lambda: False)
+    monkeypatch.setattr(interface, "mamba_ssm_available", lambda: False)
     with pytest.raises(ValueError, match=r"cannot be imported.*pip install lsnn\[cuda\]"):
         resolve_scan_impl(torch.zeros(1, 2, 3, device="cuda"), "cuda")
 
@@ -583,35 +583,8 @@ def test_cuda_kernel_matches_reference(exact_fp32_cuda, l, kind, dtype):
 
 
 # ---------------------------------------------------------------------------------------
-# The numba kernels' own exponential, and non-finite inputs
+# Non-finite inputs
 # ---------------------------------------------------------------------------------------
-
-
-@needs_numba
-@pytest.mark.parametrize("dtype,lo,hi,ulps", [(np.float32, -87.3, 88.3, 1), (np.float64, -700.0, 700.0, 1)])
-def test_numba_kernels_exp_is_within_an_ulp_of_the_true_exp(dtype, lo, hi, ulps):
-    import numba
-
-    exp = numba.njit(lambda xs: np.array([numba_scan._exp(x) for x in xs]))
-    xs = np.concatenate([np.linspace(lo, hi, 200_001), np.linspace(-1, 1, 20_001), [0.0]]).astype(dtype)
-    got = exp(xs)
-    want = np.exp(xs.astype(np.float64)).astype(dtype)  # the true exp, rounded once to dtype
-    assert got.dtype == dtype
-    ulp = np.spacing(want)
-    assert (np.abs(got.astype(np.float64) - want) <= ulps * ulp).all(), (
-        f"worst at x = {xs[np.argmax(np.abs(got - want) / ulp)]}")
-
-
-@needs_numba
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_numba_kernels_exp_keeps_non_finite_and_limits(dtype):
-    import numba
-
-    exp = numba.njit(lambda xs: np.array([numba_scan._exp(x) for x in xs]))
-    got = exp(np.array([np.nan, -np.inf, np.inf, -1e4, 1e4], dtype=dtype))
-    assert np.isnan(got[0])
-    assert got[1] == 0 and got[3] == 0
-    assert got[2] == np.inf and got[4] == np.inf
 
 
 @needs_numba
@@ -641,8 +614,8 @@ def test_numba_forward_gives_the_same_output_and_state_at_any_block_width(monkey
     block holds it, so the width changes nothing, bit for bit."""
     inputs = make_inputs(2, 12, 3, 9, B_kind, C_kind)
     results = []
-    for width in (1, 5, numba_scan._FORWARD_BLOCK):
-        monkeypatch.setattr(numba_scan, "_FORWARD_BLOCK", width)
+    for width in (1, 5, numba_kernel._FORWARD_BLOCK):
+        monkeypatch.setattr(numba_kernel, "_FORWARD_BLOCK", width)
         with torch.no_grad():
             results.append(selective_scan_numba(**inputs, delta_softplus=True, return_last_state=True))
     for out, last in results[:-1]:
@@ -654,10 +627,10 @@ def test_numba_forward_gives_the_same_output_and_state_at_any_block_width(monkey
 def test_numba_work_items_cover_every_channel_once_and_give_each_thread_one(monkeypatch, group, threads):
     """One sequence of 256 channels, blocks up to 256 wide: narrower blocks, so that every
     thread gets an item, each within one run of channels sharing B's and C's rows."""
-    monkeypatch.setattr(numba_scan, "_parts", lambda k: min(k, threads))
+    monkeypatch.setattr(numba_kernel, "threads", lambda k: min(k, threads))
     e = 256
-    rows = numba_scan.Rows(torch.zeros(e // group, 5, 3), batch=e // group, group=group, step=1)
-    items, widest = numba_scan._items(1, e, 256, rows, rows)
+    rows = numba_kernel.Rows(torch.zeros(e // group, 5, 3), batch=e // group, group=group, step=1)
+    items, widest = numba_kernel._items(1, e, 256, rows, rows)
     assert len(items) >= threads
     covered = sorted(c for _, c0, c1 in items for c in range(c0, c1))
     assert covered == list(range(e))

@@ -5,7 +5,7 @@
 
 Used by the LIF backward pass, the temporal spike filter and STDP traces. The fast path
 multiplies each chunk by a (c, c) matrix of decay powers and carries the state across
-chunks; ``discounted_cumsum_ref`` is the sequential loop it is tested against.
+chunks; ``reference.discounted_cumsum_ref`` is the sequential loop it is tested against.
 
 Shapes: b batch, l length (dim 1), c channels, k chunk length.
 """
@@ -68,18 +68,3 @@ def discounted_cumsum(
     if reverse:
         out = out[::-1]
     return torch.cat(out, dim=1).reshape(shape)
-
-
-def discounted_cumsum_ref(x: torch.Tensor, decay: float, reverse: bool = False) -> torch.Tensor:
-    """The sequential loop, straight from the equation; the oracle for the fast path."""
-    steps = x.unbind(1)
-    if reverse:
-        steps = steps[::-1]
-    y = torch.zeros_like(steps[0])
-    ys = []
-    for xt in steps:
-        y = decay * y + xt
-        ys.append(y)
-    if reverse:
-        ys = ys[::-1]
-    return torch.stack(ys, dim=1)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model.scan import discounted_cumsum, discounted_cumsum_ref
+from model.ops.discounted_cumsum import discounted_cumsum, discounted_cumsum_ref
 from tests.helpers import assert_close
 
 

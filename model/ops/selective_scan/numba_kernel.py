@@ -4,8 +4,8 @@
     x_t = a_t * x_{t-1} + dt_t u_t B_t,   y_t = <x_t, C_t>
     out_t = (y_t + D u_t) * silu(z_t)
 
-``numba_selective_scan`` is ``model.ssm.selective_scan_numba``'s work; ``model.ssm``'s
-``selective_scan_ref`` is its oracle. ``scan_forward`` and ``scan_backward`` take the
+``numba_selective_scan`` is ``selective_scan(..., impl="numba")``'s work (``interface``);
+``reference.selective_scan_ref`` is its oracle. ``scan_forward`` and ``scan_backward`` take the
 (b l e) layout the kernels run on, for a caller that already holds it.
 
 The kernels run on the (b l e) layout, channels innermost, and vectorise across channels:
@@ -18,12 +18,9 @@ backward saves only the inputs, as mamba-ssm's kernel does, recomputes each bloc
 states and decays into a per-thread buffer and runs the adjoint g_t = dL/dx_t backwards,
 from which every gradient follows in the same pass.
 
-The decays exp(dt A) are computed inside the loops by ``_exp``, a vectorisable
-exponential (Cephes' polynomial, the power of two built from its bits): numba's own
-``exp`` is a scalar call, torch's is vectorised but costs a pass over (k l n) memory and a
-torch call per block. It is within 1 ulp of ``math.exp`` on [-87.3, 88.3] in fp32 (2.2e-16
-relative in fp64), 0 below (the result would be subnormal; torch flushes those too under
-``set_flush_denormal``), inf above, NaN for NaN.
+The decays exp(dt A) are computed inside the loops by ``model.ops.numba_support.exp``, a
+vectorisable exponential: torch's is vectorised too but would cost a pass over (k l n)
+memory and a torch call per block.
 
 Why numba: the scan is a chain of tiny dependent steps, about 12 torch kernels per token
 for forward and backward, each a full pass over (b e n). A compiled loop does the whole
@@ -59,13 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # optional at run time: without numba, model.ssm runs the torch loop instead
-    import numba
-    from llvmlite import ir
-    from numba.core import types
-    from numba.extending import intrinsic, overload
-except ImportError:  # pragma: no cover - exercised only where numba is absent
-    numba = None
+from model.ops.numba_support import FLAGS, as_numpy, bounds, exp, launch, njit, numba, threads
 
 # Elements of one block's buffers (l n k), per buffer: 2 MB of fp32. The backward keeps
 # two (states and decays), about the L2 cache of one core; measured at b4 e512 n16 l256,
@@ -78,93 +69,6 @@ _MAX_BLOCK = 256
 # buffers set its width (at b8 n32: 64 channels 22.7 ms, 32 28.6, 128 28.9).
 _FORWARD_BLOCK = _MAX_BLOCK
 
-# Reassociation (so sums over channels vectorise) and fused multiply-adds, but not
-# fastmath's no-NaN/no-inf assumptions: a non-finite scan must stay non-finite for the guard.
-_FLAGS = {"reassoc", "contract"}
-
-
-def _njit(**options):
-    """numba.njit where numba is installed; elsewhere the plain function, never called."""
-    return numba.njit(**options) if numba is not None else (lambda fn: fn)
-
-
-def available() -> bool:
-    """Whether numba can be imported (the kernels compile on first use)."""
-    return numba is not None
-
-
-# ---------------------------------------------------------------------------------------
-# A vectorisable exp (numpy scalars in, compiled inline into the kernels)
-# ---------------------------------------------------------------------------------------
-
-_F32 = np.float32
-_LO32, _HI32 = _F32(-87.33654475), _F32(88.3762626647949)  # exp: least normal, Cephes' MAXLOGF
-_LOG2E32, _HALF32, _ONE32, _ZERO32, _INF32 = _F32(1.4426950408889634), _F32(0.5), _F32(1), _F32(0), _F32(np.inf)
-_LN2_HI32, _LN2_LO32 = _F32(0.693359375), _F32(-2.12194440e-4)  # ln 2 = hi + lo (Cody-Waite)
-_P32 = tuple(_F32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
-                               1.6666665459e-1, 5.0000001201e-1))  # Cephes expf
-_P32_0, _P32_1, _P32_2, _P32_3, _P32_4, _P32_5 = _P32
-_LO64, _HI64, _LOG2E64 = -745.2, 709.782712893384, 1.4426950408889634  # HI: log of the largest double
-_LN2_HI64, _LN2_LO64 = 6.93145751953125e-1, 1.42860682030941723212e-6
-# 1/i! for i = 2..13: on |r| <= ln(2)/2 the Taylor remainder is below 1e-17
-(_T2, _T3, _T4, _T5, _T6, _T7, _T8, _T9, _T10, _T11, _T12, _T13) = (1 / math.factorial(i) for i in range(2, 14))
-
-
-def _exp(x):
-    """exp(x) in compiled code (``_exp_impl``); the plain function elsewhere."""
-    return math.exp(x)
-
-
-if numba is not None:
-
-    @intrinsic
-    def _pow2(typingctx, k):
-        """2**k for a float k holding a small integer, from its bits: float32 or float64."""
-        if k not in (types.float32, types.float64):
-            return None
-
-        def codegen(context, builder, signature, args):
-            wide = signature.args[0] == types.float64
-            it = ir.IntType(64 if wide else 32)
-            bits = builder.add(builder.fptosi(args[0], it), ir.Constant(it, 1023 if wide else 127))
-            bits = builder.shl(bits, ir.Constant(it, 52 if wide else 23))
-            return builder.bitcast(bits, ir.DoubleType() if wide else ir.FloatType())
-
-        return k(k), codegen
-
-    @numba.njit(fastmath=_FLAGS, inline="always")
-    def _exp32(x):  # pragma: no cover - compiled
-        xc = min(max(x, _LO32), _HI32)
-        k = np.floor(xc * _LOG2E32 + _HALF32)
-        r = xc - k * _LN2_HI32 - k * _LN2_LO32
-        p = ((((_P32_0 * r + _P32_1) * r + _P32_2) * r + _P32_3) * r + _P32_4) * r + _P32_5
-        res = (p * r * r + r + _ONE32) * _pow2(k)
-        res = _ZERO32 if x < _LO32 else res
-        res = _INF32 if x > _HI32 else res
-        return res if x == x else x
-
-    @numba.njit(fastmath=_FLAGS, inline="always")
-    def _exp64(x):  # pragma: no cover - compiled
-        xc = min(max(x, _LO64), _HI64)
-        k = np.floor(xc * _LOG2E64 + 0.5)
-        r = xc - k * _LN2_HI64 - k * _LN2_LO64
-        p = (((((((((((_T13 * r + _T12) * r + _T11) * r + _T10) * r + _T9) * r + _T8) * r + _T7) * r + _T6) * r
-                 + _T5) * r + _T4) * r + _T3) * r + _T2)
-        half = np.floor(k * 0.5)  # two powers of two: subnormal results stay exact in fp64
-        res = (p * r * r + r + 1.0) * _pow2(half) * _pow2(k - half)
-        res = 0.0 if x < _LO64 else res
-        res = np.inf if x > _HI64 else res
-        return res if x == x else x
-
-    @overload(_exp, inline="always", jit_options={"fastmath": _FLAGS})
-    def _exp_impl(x):
-        if x == types.float32:
-            return lambda x: _exp32(x)
-        if x == types.float64:
-            return lambda x: _exp64(x)
-        return None
-
-
 # ---------------------------------------------------------------------------------------
 # The kernels (numpy arrays in, compiled once per dtype and cached on disk)
 # ---------------------------------------------------------------------------------------
@@ -176,19 +80,14 @@ if numba is not None:
 # (l n k) buffer kept the first draft of the backward scalar).
 
 
-@_njit(inline="always")
-def _bounds(p: int, parts: int, count: int) -> tuple[int, int]:
-    return p * count // parts, (p + 1) * count // parts
-
-
-@_njit(fastmath=_FLAGS, cache=True, nogil=True)
+@njit(fastmath=FLAGS, cache=True, nogil=True)
 def _forward_part(p, parts, items, kmax, u, dt, At, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
                   D, gate, has_D, has_z, out, last):  # pragma: no cover - compiled
     l, n = u.shape[1], At.shape[0]
     x = np.empty((n, kmax), dtype=u.dtype)  # the block's states
     y = np.empty(kmax, dtype=u.dtype)
     w = np.empty(kmax, dtype=u.dtype)  # dt_t u_t
-    lo, hi = _bounds(p, parts, items.shape[0])
+    lo, hi = bounds(p, parts, items.shape[0])
     for item in range(lo, hi):
         i, c0, c1 = items[item, 0], items[item, 1], items[item, 2]
         k = c1 - c0
@@ -202,7 +101,7 @@ def _forward_part(p, parts, items, kmax, u, dt, At, Bk, b_batch, b_group, b_step
             for m in range(n):
                 bm, cm, x_m, A_m = b_t[m], c_t[m], x[m], At[m, c0:c1]
                 for c in range(k):
-                    v = _exp(dt_t[c] * A_m[c]) * x_m[c] + w[c] * bm
+                    v = exp(dt_t[c] * A_m[c]) * x_m[c] + w[c] * bm
                     x_m[c] = v
                     y[c] += v * cm
             out_t = out[i, t, c0:c1]
@@ -220,7 +119,7 @@ def _forward_part(p, parts, items, kmax, u, dt, At, Bk, b_batch, b_group, b_step
                 last[i, c0 + c, m] = x[m, c]
 
 
-@_njit(fastmath=_FLAGS, cache=True, nogil=True)
+@njit(fastmath=FLAGS, cache=True, nogil=True)
 def _recompute(i, c0, c1, u, dt, At, B_i, b_step, C_i, c_step, x, w, xs, decay, ys):  # pragma: no cover
     """One block's states xs (l+1 n k), decays (l n k) and y (l k), from a zero state."""
     l, n = u.shape[1], At.shape[0]
@@ -235,7 +134,7 @@ def _recompute(i, c0, c1, u, dt, At, B_i, b_step, C_i, c_step, x, w, xs, decay, 
         for m in range(n):
             bm, cm, x_m, xs_m, a_m, A_m = b_t[m], c_t[m], x[m], xs[t + 1, m], decay[t, m], At[m, c0:c1]
             for c in range(k):
-                a = _exp(dt_t[c] * A_m[c])
+                a = exp(dt_t[c] * A_m[c])
                 a_m[c] = a
                 v = a * x_m[c] + w[c] * bm
                 x_m[c] = v
@@ -243,7 +142,7 @@ def _recompute(i, c0, c1, u, dt, At, B_i, b_step, C_i, c_step, x, w, xs, decay, 
                 y_t[c] += v * cm
 
 
-@_njit(fastmath=_FLAGS, cache=True, nogil=True)
+@njit(fastmath=FLAGS, cache=True, nogil=True)
 def _backward_part(p, parts, items, kmax, u, dt, At, Bk, b_batch, b_group, b_step, Ck, c_batch, c_group, c_step,
                    D, gate, dgate, has_D, has_z, dout, dlast, want_out,
                    du, ddt, dA, dB, dC, dD, dz, out):  # pragma: no cover - compiled
@@ -260,7 +159,7 @@ def _backward_part(p, parts, items, kmax, u, dt, At, Bk, b_batch, b_group, b_ste
     dlogA = np.empty(kmax, dtype=dtype)  # sum_m dL/d(dt_t A_m) A_m
     dA_p, dB_p, dC_p, dD_p = dA[p], dB[p], dC[p], dD[p]  # this thread's partial sums
     zero = np.zeros(1, dtype=dtype)[0]
-    lo, hi = _bounds(p, parts, items.shape[0])
+    lo, hi = bounds(p, parts, items.shape[0])
     for item in range(lo, hi):
         i, c0, c1 = items[item, 0], items[item, 1], items[item, 2]
         k = c1 - c0
@@ -329,28 +228,16 @@ def _backward_part(p, parts, items, kmax, u, dt, At, Bk, b_batch, b_group, b_ste
                 dA_pm[c] += dA_k[m, c]
 
 
-@_njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _forward_kernel(parts, *args):  # pragma: no cover - compiled
     for p in numba.prange(parts):
         _forward_part(p, parts, *args)
 
 
-@_njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _backward_kernel(parts, *args):  # pragma: no cover - compiled
     for p in numba.prange(parts):
         _backward_part(p, parts, *args)
-
-
-def _launch(part, kernel, parts: int, *args) -> None:
-    """Run ``part`` over ``parts`` partitions: in this thread when there is one, else on
-    numba's threads. One partition never enters numba's parallel launch: its end barrier
-    waits for every worker thread to be scheduled, which on cores that other jobs share
-    cost 20-30 ms a call (a phase-3 scan's forward and backward took 0.5 s instead of
-    0.055 s with one torch thread and numba's default two)."""
-    if parts == 1:
-        part(0, 1, *args)
-    else:
-        kernel(parts, *args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -384,7 +271,7 @@ class Rows:
         return Rows(X.contiguous(), batch=1, group=e, step=1)
 
     def args(self) -> tuple:
-        return _np(self.t), self.batch, self.group, self.step
+        return as_numpy(self.t), self.batch, self.group, self.step
 
     def grad_like(self, grad: Tensor, like: Tensor) -> Tensor:
         """The kernel's (rows, T, n) gradient in the layout of ``like`` (B or C)."""
@@ -392,11 +279,6 @@ class Rows:
             return grad.squeeze(1)  # (e n)
         b, l, n = like.shape[0], like.shape[-1], grad.shape[-1]
         return grad.view(b, -1, l, n).transpose(-1, -2).reshape(like.shape)  # (b [g] n l)
-
-
-def _parts(items: int) -> int:
-    """Threads for ``items`` work items: torch's thread count, at most numba's."""
-    return max(1, min(items, torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
 def _items(b: int, e: int, width: int, Br: Rows, Cr: Rows) -> tuple[np.ndarray, int]:
@@ -407,16 +289,11 @@ def _items(b: int, e: int, width: int, Br: Rows, Cr: Rows) -> tuple[np.ndarray, 
     needed for every thread to get an item (a single sequence)."""
     run = math.gcd(Br.group, Cr.group)
     k = max(1, min(_MAX_BLOCK, width, run))
-    threads = _parts(b * e)
-    pieces = min(run, max(-(-run // k), -(-threads // (b * (e // run)))))
+    workers = threads(b * e)
+    pieces = min(run, max(-(-run // k), -(-workers // (b * (e // run)))))
     bounds = [(s + j * run // pieces, s + (j + 1) * run // pieces) for s in range(0, e, run) for j in range(pieces)]
     items = np.array([(i, c0, c1) for i in range(b) for c0, c1 in bounds], dtype=np.int64)
     return items, max(c1 - c0 for c0, c1 in bounds)
-
-
-def _np(t: Tensor) -> np.ndarray:
-    """The numpy view of a CPU tensor's memory (no copy)."""
-    return t.detach().numpy()
 
 
 def _blank(dtype: torch.dtype) -> Tensor:
@@ -442,9 +319,10 @@ def scan_forward(u: Tensor, dt: Tensor, A: Tensor, Br: Rows, Cr: Rows, D: Tensor
     (b, l, e), n = u.shape, A.shape[1]
     items, kmax = _items(b, e, _FORWARD_BLOCK, Br, Cr)
     out, last = u.new_empty(b, l, e), u.new_empty(b, e, n)
-    _launch(_forward_part, _forward_kernel, _parts(len(items)), items, kmax, _np(u), _np(dt),
-            _np(A.t().contiguous()), *Br.args(), *Cr.args(), _np(_skip(D, u.dtype)),
-            _np(gate if gate is not None else _blank(u.dtype)), D is not None, gate is not None, _np(out), _np(last))
+    launch(_forward_part, _forward_kernel, threads(len(items)), items, kmax, as_numpy(u), as_numpy(dt),
+           as_numpy(A.t().contiguous()), *Br.args(), *Cr.args(), as_numpy(_skip(D, u.dtype)),
+           as_numpy(gate if gate is not None else _blank(u.dtype)), D is not None, gate is not None,
+           as_numpy(out), as_numpy(last))
     return out, last
 
 
@@ -470,7 +348,7 @@ def scan_backward(u: Tensor, dt: Tensor, A: Tensor, Br: Rows, Cr: Rows, D: Tenso
     output ``scan_forward`` returned is recomputed on the way (``out``)."""
     (b, l, e), n = u.shape, A.shape[1]
     items, kmax = _items(b, e, _BLOCK_ELEMS // (l * n), Br, Cr)
-    parts = _parts(len(items))
+    parts = threads(len(items))
     # per-thread partial sums: items of different threads share rows of A, B, C, D
     dA_p, dD_p = u.new_zeros(parts, n, e), u.new_zeros(parts, e)
     dB_p, dC_p = u.new_zeros(parts, *Br.t.shape), u.new_zeros(parts, *Cr.t.shape)
@@ -479,10 +357,11 @@ def scan_backward(u: Tensor, dt: Tensor, A: Tensor, Br: Rows, Cr: Rows, D: Tenso
     out = u.new_empty(b, l, e) if want_out else _blank(u.dtype)
     dlast = dlast.contiguous() if dlast is not None else u.new_zeros(b, e, n)
     blank = _blank(u.dtype)
-    _launch(_backward_part, _backward_kernel, parts, items, kmax, _np(u), _np(dt), _np(A.t().contiguous()),
-            *Br.args(), *Cr.args(), _np(_skip(D, u.dtype)), _np(gate if gate is not None else blank),
-            _np(dgate if dgate is not None else blank), D is not None, gate is not None, _np(dout.contiguous()),
-            _np(dlast), want_out, _np(du), _np(ddt), _np(dA_p), _np(dB_p), _np(dC_p), _np(dD_p), _np(dz), _np(out))
+    launch(_backward_part, _backward_kernel, parts, items, kmax, as_numpy(u), as_numpy(dt),
+           as_numpy(A.t().contiguous()), *Br.args(), *Cr.args(), as_numpy(_skip(D, u.dtype)),
+           as_numpy(gate if gate is not None else blank), as_numpy(dgate if dgate is not None else blank),
+           D is not None, gate is not None, as_numpy(dout.contiguous()), as_numpy(dlast), want_out,
+           *(as_numpy(t) for t in (du, ddt, dA_p, dB_p, dC_p, dD_p, dz, out)))
     return ScanGrads(du, ddt, dA_p.sum(0).t(), dB_p.sum(0), dC_p.sum(0), dD_p.sum(0) if D is not None else None,
                      dz if gate is not None else None, out if want_out else None)
 
@@ -561,7 +440,7 @@ def numba_selective_scan(
     z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """out = (y + D u) * silu(z) (b e l) in u's dtype and the last state (b e n) in the
-    compute dtype; every argument as ``model.ssm.selective_scan_ref`` takes it (checked
+    compute dtype; every argument as ``reference.selective_scan_ref`` takes it (checked
     there), all on the CPU. Differentiable in every tensor.
     """
     if numba is None:

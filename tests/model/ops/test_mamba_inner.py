@@ -1,4 +1,4 @@
-"""The fused CPU mixer (``model.mamba_fused``) against ``Mamba``'s unfused path: values and
+"""The fused CPU mixer (``model.ops.selective_scan.mamba_inner``) against ``Mamba``'s unfused path: values and
 every gradient, gradcheck in fp64, the conv's edge cases, NaN propagation, bf16 autocast,
 and that ``Mamba`` takes it exactly where the scan resolves to numba."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.mamba import Mamba
-from model.mamba_fused import mamba_inner
+from model.ops.selective_scan.mamba_inner import mamba_inner
 from tests.helpers import assert_close
 
 GRAD_SCALE = 4.0  # gradients sum over batch and time
