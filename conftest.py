@@ -2,16 +2,27 @@
 
 Hardware gating lives here and nowhere else: tests mark themselves ``gpu`` and this file
 skips them, with the reason, where CUDA is absent.
+
+Where CUDA is absent, Triton's kernels run in its interpreter, on CPU tensors, so every
+Triton kernel (the selective scan, the CfC, the LIF) is tested against its oracle, and a
+training step on the GPU code path can be run and its launches counted. Triton reads
+TRITON_INTERPRET once, when it is first imported, and torch imports it on the way (a
+training step does), so the variable is set here, before any test or benchmark is even
+collected. Where CUDA is, Triton compiles and the ``gpu`` tests cover the kernels.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile(
     "dev",

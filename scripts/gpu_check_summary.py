@@ -59,7 +59,8 @@ def _benchmarks(out: Path) -> list[dict] | None:
             "quartiles": info.get("quartiles"),
             "peak_mb_hybrid": info.get("peak_mb_hybrid"), "peak_mb_transformer": info.get("peak_mb_transformer"),
             "peak_memory_ratio": info.get("peak_memory_ratio"), "amp": info.get("amp"),
-            "flop_ratio": info.get("flop_ratio"),
+            "flop_ratio": info.get("flop_ratio"), "scan_impl": info.get("scan_impl"),
+            "loop_impl": info.get("loop_impl"),
         })
     return rows
 

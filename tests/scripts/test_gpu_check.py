@@ -34,6 +34,7 @@ def test_dry_run_lists_every_step_and_writes_the_summary(tmp_path):
     for part in (
         "-m pytest -m gpu",
         "LSNN_BENCH_AMP=bf16",
+        "LSNN_BENCH_LOOP_IMPLS=torch,triton",  # the CfC's and the LIF's torch loops beside their kernels
         *(f"benchmarks/test_phases.py::test_paired_ratio --benchmark-only -k test_paired_ratio and [{p}- -q "
           f"-p no:cacheprovider --benchmark-json={out}/bench-phase{p}.json" for p in (1, 2, 3, 4)),
         "train --phase 1 --max-steps 200 --device cuda --output-dir",

@@ -4,10 +4,11 @@
     y[t] = decay * y[t+1] + x[t]                  (reverse)
 
 Used by the LIF backward pass, the temporal spike filter and STDP traces. The fast path
-multiplies each chunk by a (c, c) matrix of decay powers and carries the state across
-chunks; ``reference.discounted_cumsum_ref`` is the sequential loop it is tested against.
+multiplies each chunk by a (k, k) matrix of decay powers and carries the state across
+chunks with one more product; ``reference.discounted_cumsum_ref`` is the sequential loop it
+is tested against.
 
-Shapes: b batch, l length (dim 1), c channels, k chunk length.
+Shapes: b batch, l length (dim 1), c channels, k chunk length, n chunks.
 """
 
 from __future__ import annotations
@@ -34,37 +35,52 @@ def _decay_matrix(k: int, decay: float, reverse: bool, device, dtype) -> torch.T
     return m
 
 
+def _carry_matrix(n: int, k: int, decay: float, reverse: bool, device, dtype) -> torch.Tensor:
+    """C[j, i] = decay**(k (j - 1 - i)) for i < j (forward), decay**(k (i - 1 - j)) for i > j
+    (reverse), else 0: how the edge of chunk i reaches the edge of chunk j (n n)."""
+    key = ("carry", n, k, decay, reverse, device, dtype)
+    m = _MATRICES.get(key)
+    if m is None:
+        idx = torch.arange(n, device=device, dtype=torch.float64)
+        lag = idx[:, None] - idx[None, :] - 1  # j - 1 - i
+        if reverse:
+            lag = -lag - 2  # i - 1 - j
+        m = torch.where(lag >= 0, (decay**k) ** lag.clamp(min=0), 0.0).to(dtype)
+        if len(_MATRICES) > 64:
+            _MATRICES.clear()
+        _MATRICES[key] = m
+    return m
+
+
+def _into_chunk(k: int, decay: float, reverse: bool, device, dtype) -> torch.Tensor:
+    """decay**(steps from the chunk's edge) for each position of a chunk (k): what a carry
+    entering at the edge has decayed to there (t + 1 forward, k - t reverse)."""
+    steps = torch.arange(1, k + 1, device=device, dtype=torch.float64)
+    return (decay ** (steps.flip(0) if reverse else steps)).to(dtype)
+
+
 def discounted_cumsum(
     x: torch.Tensor, decay: float, reverse: bool = False, chunk: int = _CHUNK
 ) -> torch.Tensor:
     """y[t] = decay * y[t -/+ 1] + x[t] along dim 1 of ``x`` (b l ...), zero initial state.
 
-    Differentiable (it is a matmul per chunk). ``decay`` is a Python float in [0, 1].
+    Differentiable (matmuls and pads). ``decay`` is a Python float in [0, 1]. The same few
+    kernels at any length: each chunk of ``chunk`` steps is one product with the (k k)
+    decay matrix, all chunks in one batched matmul, and the state each chunk hands the next
+    is one (n n) product over the chunks' ends, so no loop runs over chunks (on a GPU every
+    op is a launch).
     """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay must be in [0, 1], got {decay}")
     shape = x.shape
-    xf = x.reshape(shape[0], shape[1], -1)  # b l c
-    length = shape[1]
+    b, length = shape[0], shape[1]
+    xf = x.reshape(b, length, -1)  # b l c
     if length <= chunk:
-        m = _decay_matrix(length, decay, reverse, x.device, x.dtype)
-        return torch.matmul(m, xf).reshape(shape)
-    chunks = xf.split(chunk, dim=1)
-    if reverse:
-        chunks = chunks[::-1]
-    out, carry = [], None
-    for xc in chunks:  # b k c
-        k = xc.shape[1]
-        yc = torch.matmul(_decay_matrix(k, decay, reverse, x.device, x.dtype), xc)  # b k c
-        if carry is not None:
-            # the state entering this chunk decays by decay**(steps into the chunk)
-            steps = torch.arange(1, k + 1, device=x.device, dtype=torch.float64)
-            if reverse:
-                steps = steps.flip(0)
-            powers = (decay**steps).to(x.dtype)[None, :, None]  # 1 k 1
-            yc = yc + powers * carry[:, None, :]
-        carry = yc[:, 0] if reverse else yc[:, -1]  # b c
-        out.append(yc)
-    if reverse:
-        out = out[::-1]
-    return torch.cat(out, dim=1).reshape(shape)
+        return torch.matmul(_decay_matrix(length, decay, reverse, x.device, x.dtype), xf).reshape(shape)
+    n = -(-length // chunk)
+    xc = torch.nn.functional.pad(xf, (0, 0, 0, n * chunk - length)).view(b, n, chunk, -1)  # b n k c
+    local = torch.matmul(_decay_matrix(chunk, decay, reverse, x.device, x.dtype), xc)  # b n k c
+    edges = local[:, :, 0] if reverse else local[:, :, -1]  # b n c: what each chunk hands on
+    carry = torch.matmul(_carry_matrix(n, chunk, decay, reverse, x.device, x.dtype), edges)  # b n c
+    y = local + _into_chunk(chunk, decay, reverse, x.device, x.dtype)[:, None] * carry[:, :, None]
+    return y.view(b, n * chunk, -1)[:, :length].reshape(shape)

@@ -6,9 +6,10 @@ The forward's per-token loop runs where ``impl`` says (``LIF_IMPLS``):
 - ``numba``: compiled for the CPU (``numba_kernel``); the backward is the torch one;
 - ``triton``: one Triton kernel for the forward and one for the backward (``triton_kernel``;
   CUDA, or the CPU under TRITON_INTERPRET=1);
-- ``torch``: numpy ufuncs a token on the CPU, torch ops a token elsewhere, and the backward
-  as a discounted sum over all tokens at once (``torch_loop``);
-- ``auto``: numba on the CPU, triton on CUDA where Triton imports, else torch.
+- ``torch``: torch ops a token, on any device, and the backward as a discounted sum over
+  all tokens at once (``torch_loop``);
+- ``auto``: numba on the CPU (numpy ufuncs a token where numba is missing, which cost less
+  than torch's dispatch there), triton on CUDA where Triton imports, else torch.
 
 The op is a ``torch.library`` custom op with a fake implementation, so ``torch.compile``
 and a CUDA graph see one node forward and one backward, not a loop over tokens.
@@ -32,13 +33,14 @@ LIF_IMPLS: tuple[str, ...] = ("auto", "numba", "torch", "triton")
 
 
 def resolve_lif_impl(impl: str, cur: Tensor) -> str:
-    """The implementation ``lif`` runs for the fp32 currents ``cur``: never "auto"; an asked
-    implementation that cannot run here is an error naming ``--lif-impl``."""
+    """The implementation ``lif`` runs for the fp32 currents ``cur``: never "auto" (which may
+    resolve to the CPU's "numpy" loop); an asked implementation that cannot run here is an
+    error naming ``--lif-impl``."""
     if impl not in LIF_IMPLS:
         raise ValueError(f"unknown LIF implementation {impl!r}; use one of {', '.join(LIF_IMPLS)}")
     if impl == "auto":
         if cur.device.type == "cpu":
-            return "numba" if numba_kernel.usable(cur) else "torch"
+            return "numba" if numba_kernel.usable(cur) else "numpy"
         return "triton" if cur.is_cuda and triton_support.can_run(cur) else "torch"
     if impl == "numba" and not numba_kernel.usable(cur):
         raise ValueError(f"--lif-impl numba needs numba installed and a CPU tensor, got {cur.device}"
@@ -53,12 +55,14 @@ def resolve_lif_impl(impl: str, cur: Tensor) -> str:
 
 @torch.library.custom_op("lsnn::lif", mutates_args=())
 def _lif_op(cur: Tensor, beta: float, threshold: float, kind: str, scale: float, impl: str) -> tuple[Tensor, Tensor]:
-    """Spikes and membrane potentials (b l s) of fp32 currents (b l s); ``impl`` resolved."""
+    """Spikes and membrane potentials (b l s) of fp32 currents (b l s); ``impl`` resolved
+    (numba, numpy, torch or triton)."""
     if impl == "triton":
         from model.ops.lif import triton_kernel
 
         return triton_kernel.lif_forward(cur, beta, threshold)
-    mem = (numba_kernel if impl == "numba" else torch_loop).lif_forward(cur, beta, threshold).contiguous()
+    loops = {"numba": numba_kernel.lif_forward, "numpy": torch_loop.lif_loop_numpy, "torch": torch_loop.lif_loop_torch}
+    mem = loops[impl](cur, beta, threshold).contiguous()
     return (mem > threshold).to(cur.dtype), mem
 
 

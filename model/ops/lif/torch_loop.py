@@ -1,8 +1,9 @@
 """The LIF's forward loop without a compiled kernel, and its backward in plain torch.
 
-The forward is the only per-token loop: on the CPU it runs on numpy views of the tensor's
-memory (a ufunc call costs a fraction of a torch op's dispatch: 0.16 ms against 0.37 ms for
-b4 l64 s32), elsewhere as torch ops, three a token. Because the reset is detached,
+The forward is the only per-token loop: as torch ops, three a token, on any device
+(``lif_loop_torch``), or on the CPU on numpy views of the tensor's memory, where a ufunc call
+costs a fraction of a torch op's dispatch (0.16 ms against 0.37 ms for b4 l64 s32): the
+CPU's loop where numba is missing (``lif_loop_numpy``). Because the reset is detached,
 d mem[t] / d mem[t-1] = beta and the backward is a reverse discounted sum, computed for all
 tokens at once (``model.ops.discounted_cumsum``).
 
@@ -16,11 +17,6 @@ import torch
 
 from model.ops.discounted_cumsum import discounted_cumsum
 from model.ops.lif.reference import surrogate_grad
-
-
-def lif_forward(cur: torch.Tensor, beta: float, threshold: float) -> torch.Tensor:
-    """Membrane potentials (b l s) for currents (b l s): numpy on the CPU, torch elsewhere."""
-    return lif_loop_numpy(cur, beta, threshold) if cur.device.type == "cpu" else lif_loop_torch(cur, beta, threshold)
 
 
 def lif_loop_torch(cur: torch.Tensor, beta: float, threshold: float) -> torch.Tensor:

@@ -390,7 +390,9 @@ def _dt(delta: Tensor, delta_bias: Tensor | None, softplus: bool, dtype: torch.d
     return pre, F.softplus(pre) if softplus else pre
 
 
-class _NumbaScan(torch.autograd.Function):
+@torch.library.custom_op("lsnn::selective_scan_numba", mutates_args=())
+def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+             delta_bias: Tensor | None, softplus: bool) -> tuple[Tensor, Tensor]:
     """The whole selective scan: (u, delta (b e l), A (e n), B, C, D (e) | None, z (b e l) |
     None, delta_bias (e) | None, softplus) -> (out (b e l) in u's dtype, x_last (b e n)).
 
@@ -398,41 +400,74 @@ class _NumbaScan(torch.autograd.Function):
     and silu(z) are computed by torch around them and not kept: the backward saves only
     the inputs, as mamba-ssm's kernel does, and recomputes the rest.
     """
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    b, e, _ = u.shape
+    gate = F.silu(_ble(z, dtype)) if z is not None else None
+    out, last = scan_forward(_ble(u, dtype), _dt(delta, delta_bias, softplus, dtype)[1], A.to(dtype),
+                             Rows.of(B.to(dtype), b, e), Rows.of(C.to(dtype), b, e), D, gate)
+    return out.transpose(1, 2).to(u.dtype), last
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool):  # type: ignore[override]
-        dtype = torch.promote_types(u.dtype, torch.float32)
-        b, e, _ = u.shape
-        gate = F.silu(_ble(z, dtype)) if z is not None else None
-        out, last = scan_forward(_ble(u, dtype), _dt(delta, delta_bias, softplus, dtype)[1], A.to(dtype),
-                                 Rows.of(B.to(dtype), b, e), Rows.of(C.to(dtype), b, e), D, gate)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        ctx.softplus = softplus
-        return out.transpose(1, 2).to(u.dtype), last
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout: Tensor, dlast: Tensor):  # type: ignore[override]
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        dtype = torch.promote_types(u.dtype, torch.float32)
-        b, e, _ = u.shape
-        pre, dt = _dt(delta, delta_bias, ctx.softplus, dtype)
-        gate, dgate = silu_and_grad(_ble(z, dtype)) if z is not None else (None, None)
-        Br, Cr = Rows.of(B.to(dtype), b, e), Rows.of(C.to(dtype), b, e)
-        grads = scan_backward(_ble(u, dtype), dt, A.to(dtype), Br, Cr, D, gate, dgate, _ble(dout, dtype),
-                              dlast.to(dtype))
-        ddelta = grads.ddt * torch.sigmoid(pre) if ctx.softplus else grads.ddt  # d softplus(x)/dx = sigmoid(x)
-        return (
-            grads.du.transpose(1, 2).to(u.dtype),
-            ddelta.transpose(1, 2).to(delta.dtype),
-            grads.dA.to(A.dtype),
-            Br.grad_like(grads.dB, B).to(B.dtype),
-            Cr.grad_like(grads.dC, C).to(C.dtype),
-            None if D is None else grads.dD.to(D.dtype),
-            None if z is None else grads.dz.transpose(1, 2).to(z.dtype),
-            None if delta_bias is None else ddelta.sum((0, 1)).to(delta_bias.dtype),
-            None,
-        )
+@_scan_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, softplus):
+    (b, e, l), n = u.shape, A.shape[1]
+    return u.new_empty(b, l, e).transpose(1, 2), u.new_empty(b, e, n, dtype=torch.promote_types(u.dtype, torch.float32))
+
+
+@torch.library.custom_op("lsnn::selective_scan_numba_backward", mutates_args=())
+def _scan_backward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                      z: Tensor | None, delta_bias: Tensor | None, softplus: bool, dout: Tensor,
+                      dlast: Tensor | None) -> list[Tensor]:
+    """Gradients of u, delta, A, B, C, D, z and delta_bias, each empty where the input is None."""
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    b, e, _ = u.shape
+    pre, dt = _dt(delta, delta_bias, softplus, dtype)
+    gate, dgate = silu_and_grad(_ble(z, dtype)) if z is not None else (None, None)
+    Br, Cr = Rows.of(B.to(dtype), b, e), Rows.of(C.to(dtype), b, e)
+    grads = scan_backward(_ble(u, dtype), dt, A.to(dtype), Br, Cr, D, gate, dgate, _ble(dout, dtype),
+                          None if dlast is None else dlast.to(dtype))
+    ddelta = grads.ddt * torch.sigmoid(pre) if softplus else grads.ddt  # d softplus(x)/dx = sigmoid(x)
+    def none():  # a new one each time: an op's outputs may not alias each other
+        return u.new_empty(0)
+
+    return [
+        grads.du.transpose(1, 2).to(u.dtype),
+        ddelta.transpose(1, 2).to(delta.dtype),
+        grads.dA.to(A.dtype),
+        Br.grad_like(grads.dB, B).to(B.dtype),
+        Cr.grad_like(grads.dC, C).to(C.dtype),
+        none() if D is None else grads.dD.to(D.dtype),
+        none() if z is None else grads.dz.transpose(1, 2).to(z.dtype),
+        none() if delta_bias is None else ddelta.sum((0, 1)).to(delta_bias.dtype),
+    ]
+
+
+@_scan_backward_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, softplus, dout, dlast):
+    def ble(x):  # a (b l e) buffer seen as (b e l), as the kernels leave it
+        return x.new_empty(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2)
+
+    none = u.new_empty(0)  # dA: the kernel's (n e) sum, transposed
+    return [ble(u), ble(delta), A.new_empty(A.shape[1], A.shape[0]).t(), B.new_empty(B.shape), C.new_empty(C.shape), none if D is None else D.new_empty(D.shape),
+            none if z is None else ble(z), none if delta_bias is None else delta_bias.new_empty(delta_bias.shape)]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.set_materialize_grads(False)  # an unused last state sends no zeros
+    ctx.save_for_backward(*inputs[:8])
+    ctx.softplus = inputs[8]
+
+
+def _backward_fn(ctx, dout, dlast):
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(u)
+    grads = _scan_backward_op(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, dout, dlast)
+    present = (u, delta, A, B, C, D, z, delta_bias)
+    return *(None if x is None else g for x, g in zip(present, grads)), None
+
+
+_scan_op.register_autograd(_backward_fn, setup_context=_setup_context)
 
 
 def numba_selective_scan(
@@ -447,4 +482,4 @@ def numba_selective_scan(
         raise RuntimeError("the numba selective scan needs numba: pip install numba, or use --scan-impl loop")
     if u.device.type != "cpu":
         raise ValueError(f"the numba selective scan runs on the CPU, but the tensors are on {u.device}")
-    return _NumbaScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

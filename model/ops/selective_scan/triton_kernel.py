@@ -4,8 +4,10 @@ mamba-ssm, and nothing to compile but what Triton compiles itself at run time.
     x_t = exp(dt_t A) x_{t-1} + dt_t u_t B_t,    y_t = <x_t, C_t>
 
 ``triton_scan`` is the core of ``selective_scan(..., impl="triton")`` (``interface``);
-``reference.selective_scan_ref`` is its oracle. Each program owns a tile of channels of one batch
-row with their whole state (BLOCK_E x BLOCK_N, in registers) and walks the sequence. The
+``reference.selective_scan_ref`` is its oracle. It is one ``torch.library`` custom op each
+way (``lsnn::selective_scan_triton`` and its backward), with fakes, so ``torch.compile`` and
+a CUDA graph see one node. Each program owns a tile of channels of one batch row with
+their whole state (BLOCK_E x BLOCK_N, in registers) and walks the sequence. The
 forward writes y, the last state, and the state at the start of every CHUNK steps; the
 backward walks the chunks from the end, recomputes each chunk's states into a scratch
 buffer from its checkpoint, and runs the adjoint g_t = dL/dx_t backwards through it,
@@ -169,42 +171,73 @@ def _block_e(e: int, shared: list[int]) -> int:
     return min(block, 1 << max(0, (e - 1).bit_length()))
 
 
-class _TritonScan(torch.autograd.Function):
-    """(u, dt (b e l), A (e n), B, C) -> (y (b e l), x_last (b e n)), fp32."""
+def _layout(u: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple:
+    """B and C contiguous, their strides and kinds, and the programs' grid and tile width."""
+    (b, e, _), n = u.shape, A.shape[1]
+    B, sB, B_var = _strides(B, e)
+    C, sC, C_var = _strides(C, e)
+    block_e = _block_e(e, [s[4] for s, var in ((sB, B_var), (sC, C_var)) if var])
+    return B, sB, B_var, C, sC, C_var, block_e, (b, -(-e // block_e)), _block_n(n)
 
-    @staticmethod
-    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor):  # type: ignore[override]
-        (b, e, l), n = u.shape, A.shape[1]
-        u, dt, A = u.contiguous(), dt.contiguous(), A.contiguous()
-        B, sB, B_var = _strides(B, e)
-        C, sC, C_var = _strides(C, e)
-        block_e = _block_e(e, [s[4] for s, var in ((sB, B_var), (sC, C_var)) if var])
-        chunk = CHUNK
-        n_chunks = -(-l // chunk)
-        y, last = u.new_empty(b, e, l), u.new_empty(b, e, n)
-        ckpt = u.new_empty(b, e, n, n_chunks)
-        grid = (b, -(-e // block_e))
-        _forward[grid](u, dt, A, B, C, y, last, ckpt, e, n, l, n_chunks, *sB, *sC,
-                  CHUNK=chunk, BLOCK_E=block_e, BLOCK_N=_block_n(n))
-        ctx.save_for_backward(u, dt, A, B, C, ckpt)
-        ctx.layout = (sB, B_var, sC, C_var, block_e, chunk)
-        return y, last
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: Tensor, dlast: Tensor):  # type: ignore[override]
-        u, dt, A, B, C, ckpt = ctx.saved_tensors
-        sB, B_var, sC, C_var, block_e, chunk = ctx.layout
-        (b, e, l), n = u.shape, A.shape[1]
-        n_chunks = ckpt.shape[-1]
-        dy, dlast = dy.to(u.dtype).contiguous(), dlast.to(u.dtype).contiguous()
-        scratch = u.new_empty(b, e, n, chunk + 1)
-        du, ddt = torch.empty_like(u), torch.empty_like(u)
-        dA, dB, dC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
-        grid = (b, -(-e // block_e))
-        _backward[grid](u, dt, A, B, C, ckpt, dy, dlast, scratch, du, ddt, dA, dB, dC, e, n, l, n_chunks,
-                  *sB, *sC, B_VAR=B_var, C_VAR=C_var, CHUNK=chunk, BLOCK_E=block_e, BLOCK_N=_block_n(n))
-        return du, ddt, dA, dB, dC
+@torch.library.custom_op("lsnn::selective_scan_triton", mutates_args=())
+def _scan_op(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(u, dt (b e l), A (e n), B, C) -> (y (b e l), x_last (b e n), the states every
+    ``chunk`` steps (b e n l/chunk), which the backward starts from), fp32."""
+    (b, e, l), n = u.shape, A.shape[1]
+    u, dt, A = u.contiguous(), dt.contiguous(), A.contiguous()
+    B, sB, _, C, sC, _, block_e, grid, block_n = _layout(u, A, B, C)
+    n_chunks = -(-l // chunk)
+    y, last = u.new_empty(b, e, l), u.new_empty(b, e, n)
+    ckpt = u.new_empty(b, e, n, n_chunks)
+    _forward[grid](u, dt, A, B, C, y, last, ckpt, e, n, l, n_chunks, *sB, *sC,
+                   CHUNK=chunk, BLOCK_E=block_e, BLOCK_N=block_n)
+    return y, last, ckpt
+
+
+@_scan_op.register_fake
+def _(u, dt, A, B, C, chunk):
+    (b, e, l), n = u.shape, A.shape[1]
+    return u.new_empty(b, e, l), u.new_empty(b, e, n), u.new_empty(b, e, n, -(-l // chunk))
+
+
+@torch.library.custom_op("lsnn::selective_scan_triton_backward", mutates_args=())
+def _scan_backward_op(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, ckpt: Tensor, dy: Tensor | None,
+                      dlast: Tensor | None, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of u, dt, A, B and C for the upstream dy (b e l) and dlast (b e n) (None: zero)."""
+    (b, e, l), n = u.shape, A.shape[1]
+    u, dt, A = u.contiguous(), dt.contiguous(), A.contiguous()
+    B, sB, B_var, C, sC, C_var, block_e, grid, block_n = _layout(u, A, B, C)
+    n_chunks = ckpt.shape[-1]
+    dy = u.new_zeros(b, e, l) if dy is None else dy.to(u.dtype).contiguous()
+    dlast = u.new_zeros(b, e, n) if dlast is None else dlast.to(u.dtype).contiguous()
+    scratch = u.new_empty(b, e, n, chunk + 1)
+    du, ddt = torch.empty_like(u), torch.empty_like(u)
+    dA, dB, dC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
+    _backward[grid](u, dt, A, B, C, ckpt, dy, dlast, scratch, du, ddt, dA, dB, dC, e, n, l, n_chunks,
+                    *sB, *sC, B_VAR=B_var, C_VAR=C_var, CHUNK=chunk, BLOCK_E=block_e, BLOCK_N=block_n)
+    return du, ddt, dA, dB, dC
+
+
+@_scan_backward_op.register_fake
+def _(u, dt, A, B, C, ckpt, dy, dlast, chunk):
+    return tuple(x.new_empty(x.shape) for x in (u, dt, A, B, C))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    u, dt, A, B, C, chunk = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)  # an unused last state sends no zeros
+    ctx.save_for_backward(u, dt, A, B, C, output[2])
+    ctx.chunk = chunk
+
+
+def _backward_fn(ctx, dy, dlast, _):
+    u, dt, A, B, C, ckpt = ctx.saved_tensors
+    return *_scan_backward_op(u, dt, A, B, C, ckpt, dy, dlast, ctx.chunk), None
+
+
+_scan_op.register_autograd(_backward_fn, setup_context=_setup_context)
 
 
 def _block_n(n: int) -> int:
@@ -223,4 +256,5 @@ def triton_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple
     problem = triton_support.device_problem(u)
     if problem is not None:
         raise ValueError(f"the Triton selective scan cannot run: {problem}")
-    return _TritonScan.apply(u, dt, A, B, C)
+    y, last, _ = _scan_op(u, dt, A, B, C, CHUNK)
+    return y, last

@@ -300,3 +300,38 @@ def test_every_implementation_is_offered_by_the_model_config():
     assert CFC_IMPLS == typing.get_args(typing.get_type_hints(ModelConfig)["cfc_impl"])
     with pytest.raises(ValueError, match="--cfc-impl must be one of auto, numba, torch, triton; got 'fast'"):
         ModelConfig(cfc_impl="fast")
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,length,k,q", [(4, 64, 64, 64), (4, 256, 128, 128), (17, 33, 20, 5)])
+def test_triton_kernels_compiled_on_cuda_match_the_reference(exact_fp32_cuda, b, length, k, q):
+    """The phases' sizes (and two row tiles with padded widths), compiled, in full fp32."""
+    args = _ref_args(b, length, k, q, seed=11)
+    ours = [a.detach().float().cuda().requires_grad_() for a in args]
+    gy, gh = torch.randn(b, length, q, dtype=torch.float64), torch.randn(b, q, dtype=torch.float64)
+    fast = cfc_scan(*ours, 0.666, 1.7159, impl="triton")
+    ref = cfc_scan_ref(*args, 0.666, 1.7159)
+    assert_close(fast[0], ref[0], dtype=torch.float32, scale=4, msg="h sequence")
+    assert_close(fast[1], ref[1], dtype=torch.float32, scale=4, msg="last h")
+    for name, a, c in zip(["zx", "h0", "w_h", "w_p", "b_p"], _grads(fast, gy.float().cuda(), gh.float().cuda(), ours),
+                          _grads(ref, gy, gh, args)):
+        assert_close(a, c, dtype=torch.float32, scale=16, msg=f"d {name}")
+
+
+@pytest.mark.gpu
+def test_auto_runs_the_triton_kernels_on_cuda_and_a_liquid_layer_trains_under_bf16():
+    args = [a.detach().float().cuda() for a in _ref_args(2, 5, 16, 8, seed=12)]
+    assert interface.resolve_cfc_impl("auto", *args) == "triton"
+    layer = LiquidLayer(12, 64, backbone_units=64).cuda()
+    ref = LiquidLayer(12, 64, backbone_units=64, cfc_impl="torch").cuda()
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 64, 12, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, _ = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert_close(y, ref(x)[0], dtype=torch.bfloat16)
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())

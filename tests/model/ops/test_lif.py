@@ -142,7 +142,7 @@ def test_triton_kernels_fire_as_the_compiled_loop_and_sum_its_gradient(b, l, s):
     torch.manual_seed(s)
     cur = torch.randn(b, l, s) * 1.5
     spk, mem = triton_kernel.lif_forward(cur, 0.85, 1.0)
-    ref_mem = torch_loop.lif_forward(cur, 0.85, 1.0)
+    ref_mem = torch_loop.lif_loop_numpy(cur, 0.85, 1.0)
     assert torch.equal(mem, ref_mem.contiguous()) and torch.equal(spk, (ref_mem > 1.0).float())
     g_spk, g_mem = torch.randn_like(cur), torch.randn_like(cur)
     for kind in ("atan", "fast_sigmoid"):
@@ -153,9 +153,11 @@ def test_triton_kernels_fire_as_the_compiled_loop_and_sum_its_gradient(b, l, s):
 
 
 @needs_triton
-def test_auto_keeps_the_compiled_loop_on_the_cpu_and_triton_must_be_asked_for():
+def test_auto_keeps_the_compiled_loop_on_the_cpu_and_triton_must_be_asked_for(monkeypatch):
     cur = torch.randn(1, 2, 3)
-    assert interface.resolve_lif_impl("auto", cur) == ("numba" if numba_support.available() else "torch")
+    assert interface.resolve_lif_impl("auto", cur) == ("numba" if numba_support.available() else "numpy")
+    monkeypatch.setattr(numba_kernel, "available", lambda: False)
+    assert interface.resolve_lif_impl("auto", cur) == "numpy"  # no numba: numpy's ufuncs, not torch's dispatch
     assert interface.resolve_lif_impl("triton", cur) == "triton"
 
 
@@ -210,3 +212,24 @@ def test_every_implementation_is_offered_by_the_model_config():
     import typing
 
     assert LIF_IMPLS == typing.get_args(typing.get_type_hints(ModelConfig)["lif_impl"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,l,s", [(4, 256, 64), (3, 17, 130)])
+def test_triton_kernels_compiled_on_cuda_match_the_reference(b, l, s):
+    torch.manual_seed(l)
+    cur = (torch.randn(b, l, s, dtype=torch.float64) * 1.5).requires_grad_()
+    ours = cur.detach().float().cuda().requires_grad_()
+    spk, mem = lif(ours, 0.9, 1.0, "atan", 2.0, impl="triton")
+    spk_ref, mem_ref = lif_ref(cur, 0.9, 1.0, "atan", 2.0)
+    # a fused multiply-add can move a membrane within a rounding of the threshold across it
+    assert (spk.cpu().double() != spk_ref).float().mean() < 1e-3
+    g = [torch.randn_like(spk_ref), torch.randn_like(mem_ref)]
+    torch.autograd.backward([spk, mem], [x.float().cuda() for x in g])
+    torch.autograd.backward([spk_ref, mem_ref], g)
+    assert_close(ours.grad, cur.grad, dtype=torch.float32, scale=4, msg="gradient")
+
+
+@pytest.mark.gpu
+def test_auto_runs_the_triton_kernels_on_cuda():
+    assert interface.resolve_lif_impl("auto", torch.randn(1, 2, 3, device="cuda")) == "triton"

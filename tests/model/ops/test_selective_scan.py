@@ -636,3 +636,56 @@ def test_numba_work_items_cover_every_channel_once_and_give_each_thread_one(monk
     assert covered == list(range(e))
     assert all(c0 // group == (c1 - 1) // group for _, c0, c1 in items)
     assert widest == max(c1 - c0 for _, c0, c1 in items)
+
+
+# ---------------------------------------------------------------------------------------
+# The kernels as registered ops
+# ---------------------------------------------------------------------------------------
+
+
+def _op_inputs(kind: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    b, e, n, l = 2, 4, 3, 10
+    B = {"constant": (e, n), "variable": (b, n, l), "grouped": (b, 2, n, l)}[kind]
+    return [torch.randn(b, e, l, generator=g), torch.rand(b, e, l, generator=g) * 0.5,
+            -torch.rand(e, n, generator=g) - 0.5, torch.randn(*B, generator=g), torch.randn(*B, generator=g)]
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["constant", "variable", "grouped"])
+def test_the_triton_scan_is_one_registered_op_with_a_fake_and_a_backward(kind):
+    importlib.import_module("model.ops.selective_scan.triton_kernel")  # registers the op
+    u, dt, A, B, C = (t.requires_grad_() for t in _op_inputs(kind))
+    torch.library.opcheck(torch.ops.lsnn.selective_scan_triton.default, (u, dt, A, B, C, 4),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", ["constant", "variable", "grouped"])
+@pytest.mark.parametrize("optional", [True, False])
+def test_the_numba_scan_is_one_registered_op_with_a_fake_and_a_backward(kind, optional):
+    u, delta, A, B, C = (t.requires_grad_() for t in _op_inputs(kind, seed=1))
+    e = u.shape[1]
+    extra = [torch.randn(e, requires_grad=True), torch.randn_like(u, requires_grad=True),
+             torch.randn(e, requires_grad=True)] if optional else [None, None, None]
+    torch.library.opcheck(torch.ops.lsnn.selective_scan_numba.default, (u, delta, A, B, C, *extra, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("impl", [pytest.param("numba", marks=needs_numba), pytest.param("triton", marks=needs_triton)])
+def test_a_traced_scan_is_one_node_each_way_at_any_length(impl):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(u, delta, A, B, C):
+        y = selective_scan(u, delta, A, B, C, delta_softplus=True, impl=impl)
+        return torch.autograd.grad(y.sum(), (u, delta, A, B, C))
+
+    graphs = {}
+    for l in (5, 13):
+        g = torch.Generator().manual_seed(l)
+        args = [torch.randn(2, 4, l, generator=g), torch.randn(2, 4, l, generator=g), -torch.rand(4, 3, generator=g),
+                torch.randn(2, 3, l, generator=g), torch.randn(2, 3, l, generator=g)]
+        graph = make_fx(step)(*(a.requires_grad_() for a in args)).graph
+        graphs[l] = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+        assert sum("lsnn.selective_scan" in t for t in graphs[l]) == 2, graphs[l]
+    assert graphs[5] == graphs[13], "nothing in the graph grows with the length"

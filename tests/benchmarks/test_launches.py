@@ -1,0 +1,88 @@
+"""The launch counter (``benchmarks.launches``) counts what a GPU would launch, and a guarded
+training step on the GPU code path launches as many kernels at any sequence length: the
+work that grows with the sequence lives inside the recurrences' kernels (issue 23)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.launches import GPU_PATH, TORCH_LOOPS, LaunchCounter, count_launches, phase_step
+from model.ops import triton_support
+
+needs_interpreter = pytest.mark.skipif(not triton_support.interpreted(),
+                                       reason="Triton compiles in this process (CUDA present): counted on the CPU")
+
+
+def test_views_and_allocations_launch_nothing_and_every_other_op_once():
+    x = torch.randn(4, 8)
+    with LaunchCounter() as c:
+        y = x.t().unsqueeze(0).expand(2, 8, 4)  # views
+        torch.empty(3), x.new_empty(5), x.detach()  # allocations, detach
+        z = torch.add(x, 1)
+        z.mul_(2).sum()
+    assert dict(c.aten) == {"add": 1, "mul_": 1, "sum": 1} and c.total == 3
+    assert y.shape == (2, 8, 4)
+
+
+@needs_interpreter
+def test_a_triton_launch_counts_once_and_hides_the_interpreters_copies():
+    from model.ops.lif import triton_kernel
+
+    cur = torch.randn(2, 7, 5)
+    with LaunchCounter() as c:
+        triton_kernel.lif_forward(cur, 0.9, 1.0)
+    assert dict(c.triton) == {"_forward": 1}
+    assert sum(c.aten.values()) == 0, c.aten  # contiguous input, outputs only allocated
+
+
+def test_a_custom_op_counts_the_ops_inside_it():
+    """The dispatcher hands lsnn's ops to the counter as one call; their bodies launch."""
+    from model.ops.lif import lif
+
+    cur = torch.randn(2, 7, 5)
+    with LaunchCounter() as c:
+        lif(cur, 0.9, 1.0, impl="torch")  # three ops a token, then (mem > threshold)
+    assert "lif" not in c.aten and c.aten["gt"] == 7 + 1 and c.aten["add"] == 7
+
+
+@pytest.fixture
+def short_chunks(monkeypatch):
+    """The Triton scan's backward recomputes CHUNK steps at once, padded steps included:
+    8 instead of 64 keeps the interpreter quick and launches the same kernels."""
+    from model.ops.selective_scan import triton_kernel
+
+    monkeypatch.setattr(triton_kernel, "CHUNK", 8)
+
+
+def _count(phase: int, impls: dict[str, str], length: int, run_triton: bool = True):
+    """A steady step's launches at the phase's layout, tiny: the first step, counted without
+    running the kernels, builds what later steps find (the optimizer's moments, the decay
+    matrices' cache)."""
+    step = phase_step(phase, impls, length=length, tiny=True, vocab=64, batch=1, warm_up=False)
+    count_launches(step, run_triton=False)
+    return count_launches(step, run_triton=run_triton)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("phase", [1, 2, 3, 4])
+def test_a_gpu_step_launches_as_many_kernels_at_any_length(phase, short_chunks):
+    short, long = (_count(phase, GPU_PATH, length) for length in (16, 32))
+    grew = {k: (short.aten[k], long.aten[k]) for k in short.aten | long.aten if short.aten[k] != long.aten[k]}
+    assert short.total == long.total, f"ops whose count grows with the length: {grew}"
+    assert short.triton == long.triton and sum(short.triton.values()) >= 4  # the CfC and the LIF, each way
+
+
+@needs_interpreter
+def test_the_torch_loops_launch_more_with_length_so_the_count_can_fail(short_chunks):
+    """The control: the same step on the recurrences' torch loops grows by a few ops a token."""
+    short, long = (_count(1, TORCH_LOOPS, length) for length in (16, 32))
+    assert long.total - short.total >= 16 * 10  # CfC 9 a token and the LIF 3, two layers: well over 10
+
+
+@needs_interpreter
+def test_counting_without_running_the_kernels_counts_the_same(short_chunks):
+    """What lets the benchmark count a step at the phases' widths without the interpreter
+    running every kernel: the launches of the richest layout do not depend on the values."""
+    run, dry = (_count(4, GPU_PATH, 16, run_triton) for run_triton in (True, False))
+    assert run.aten == dry.aten and run.triton == dry.triton
