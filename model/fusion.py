@@ -1,9 +1,15 @@
 """How a block's streams are combined: branch gating and causal cross-attention.
 
-Shapes: b batch, l length, d hidden, k branches, h heads, c channels per head (d / h).
+For decoding, ``KVCache`` holds a cross-attention's keys and values so far, and
+``CausalCrossAttention.step`` attends one new token's query over them.
+
+Shapes: b batch, l length, d hidden, k branches, h heads, c channels per head (d / h),
+t tokens seen.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +64,14 @@ class BranchMixer(nn.Module):
         return mixed.reshape(b, l, d), gates
 
 
+@dataclass
+class KVCache:
+    """A cross-attention's keys and values of every token so far; None before the first."""
+
+    keys: torch.Tensor | None = None  # b h t c
+    values: torch.Tensor | None = None  # b h t c
+
+
 class CausalCrossAttention(nn.Module):
     """Queries from one stream attend to keys/values of another, token t seeing only
     tokens <= t (``scaled_dot_product_attention(is_causal=True)``).
@@ -85,8 +99,15 @@ class CausalCrossAttention(nn.Module):
             nn.init.normal_(lin.weight, std=0.02)
         nn.init.normal_(self.out.weight, std=out_std)
 
-    def forward(self, query_stream: torch.Tensor, kv_stream: torch.Tensor) -> torch.Tensor:
-        """(b l d), (b l d) -> (b l d)."""
+    def forward(self, query_stream: torch.Tensor, kv_stream: torch.Tensor, cache: KVCache | None = None
+                ) -> torch.Tensor:
+        """(b l d), (b l d) -> (b l d). With a ``KVCache`` (decoding): over an empty cache,
+        the sequence, keeping its keys and values; over a filled one, token by token."""
+        if cache is not None:
+            if cache.keys is not None:
+                return torch.cat([self.step(q_t, kv_t, cache) for q_t, kv_t in
+                                  zip(query_stream.split(1, dim=1), kv_stream.split(1, dim=1))], dim=1)
+            cache.keys, cache.values = self._keys_values(kv_stream)
         if self.recompute and torch.is_grad_enabled() and not self._watched():
             # no randomness inside: the RNG state need not be saved and restored
             return checkpoint(self._attend, query_stream, kv_stream, use_reentrant=False, preserve_rng_state=False,
@@ -103,3 +124,18 @@ class CausalCrossAttention(nn.Module):
         k, v = self.kv(self.norm_kv(kv_stream)).view(b, l, 2, h, d // h).permute(2, 0, 3, 1, 4)  # b h l c
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # b h l c
         return self.out(attn.transpose(1, 2).reshape(b, l, d))  # b l d
+
+    def _keys_values(self, kv_stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, l, d = kv_stream.shape
+        k, v = self.kv(self.norm_kv(kv_stream)).view(b, l, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return k, v  # b h l c each
+
+    def step(self, query_stream: torch.Tensor, kv_stream: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token (b 1 d) of each stream after what ``cache`` holds: the new query reads
+        every key so far (all in the past), and the cache takes the new key and value."""
+        b, _, d = query_stream.shape
+        k, v = self._keys_values(kv_stream)  # b h 1 c
+        cache.keys, cache.values = torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2)  # b h t c
+        q = self.q(self.norm_q(query_stream)).view(b, 1, self.heads, d // self.heads).transpose(1, 2)  # b h 1 c
+        out = F.scaled_dot_product_attention(q, cache.keys, cache.values)  # b h 1 c
+        return self.out(out.transpose(1, 2).reshape(b, 1, d))  # b 1 d

@@ -27,18 +27,19 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import INTEGRATION_MODES, ModelConfig
-from model.fusion import BranchMixer, CausalCrossAttention
+from model.fusion import BranchMixer, CausalCrossAttention, KVCache
+from model.generate import advance
 from model.liquid import LiquidLayer
 from model.loss import argmax_hits, linear_cross_entropy, logits_cross_entropy
-from model.mamba import Mamba
-from model.spiking import SpikeTrace, SpikingPath
+from model.mamba import Mamba, MambaState
+from model.spiking import SpikeTrace, SpikingPath, SpikingState
 
 
 @dataclass
@@ -47,6 +48,27 @@ class BlockAux:
 
     spikes: SpikeTrace
     gates: torch.Tensor | None  # b l h k, None without adaptive gating
+
+
+@dataclass
+class BlockState:
+    """What one block carries from token to token when decoding: each stateful part's own
+    state (the liquid layer's is its hidden state, (b q)). The feed-forward layer, the norms
+    and the gating are per token and keep none."""
+
+    spiking: SpikingState = field(default_factory=SpikingState)
+    liquid: torch.Tensor | None = None  # b q
+    mamba: MambaState = field(default_factory=MambaState)
+    kv: dict[str, KVCache] = field(default_factory=lambda: {"cross_attn": KVCache(), "cross_attn_back": KVCache()})
+
+
+@dataclass
+class DecodeState:
+    """The decoding state of a batch of ``batch`` sequences after ``position`` tokens."""
+
+    batch: int
+    blocks: list[BlockState]
+    position: int = 0
 
 
 @dataclass
@@ -151,14 +173,17 @@ class HybridBlock(nn.Module):
                 _linear(d, cfg.mlp_ratio * d, 0.02), nn.SiLU(), _linear(cfg.mlp_ratio * d, d, out_std)
             )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, BlockAux]:
+    def forward(self, x: torch.Tensor, state: BlockState | None = None) -> tuple[torch.Tensor, BlockAux]:
+        """(b l d) -> (b l d) and the block's internals. With a ``BlockState`` (decoding) each
+        stateful part runs from its state and moves it past these tokens: the whole sequence
+        on a fresh state, token by token on a state that has seen tokens."""
         h = self.norm(x)  # b l d
-        spikes = self.spiking(h)
+        spikes = self.spiking(h, None if state is None else state.spiking)
         gates = None
         if self.cfg.use_mamba:
-            mixed, gates = self.mixer(h, self._with_mamba(h, spikes.features))  # b l d
+            mixed, gates = self.mixer(h, self._with_mamba(h, spikes.features, state))  # b l d
         else:
-            liq, _ = self.liquid(torch.cat([h, spikes.features], dim=-1))  # b l q
+            liq = self._liquid(torch.cat([h, spikes.features], dim=-1), state)  # b l q
             if self.cfg.use_adaptive_gating:
                 mixed, gates = self.mixer(h, [self.spike_out(spikes.features), self.liquid_out(liq)])
             else:
@@ -179,23 +204,32 @@ class HybridBlock(nn.Module):
             return _recomputed_mlp(self.mlp_norm, self.mlp, x)
         return self.mlp(self.mlp_norm(x))
 
-    def _with_mamba(self, h: torch.Tensor, feats: torch.Tensor) -> list[torch.Tensor]:
+    def _liquid(self, x: torch.Tensor, state: BlockState | None) -> torch.Tensor:
+        """The liquid layer (b l i) -> (b l q), from and into the state's hidden state."""
+        y, last = self.liquid(x, None if state is None else state.liquid)
+        if state is not None:
+            state.liquid = last
+        return y
+
+    def _with_mamba(self, h: torch.Tensor, feats: torch.Tensor, state: BlockState | None) -> list[torch.Tensor]:
         mode = self.cfg.integration_mode
+        mamba_state = None if state is None else state.mamba
         if mode == "bidirectional":
-            m = self.mamba(h + self.spike_to_mamba(feats))  # spike -> Mamba
+            m = self.mamba(h + self.spike_to_mamba(feats), mamba_state)  # spike -> Mamba
             liq_in = h + self.mamba_to_liquid(m)  # Mamba -> liquid
         else:
             liq_in = h
-        liq, _ = self.liquid(torch.cat([liq_in, feats], dim=-1))  # b l q
+        liq = self._liquid(torch.cat([liq_in, feats], dim=-1), state)  # b l q
         a = self.stream_out(torch.cat([feats, liq], dim=-1))  # b l d
         if mode == "sequential":
-            m = self.mamba(h + a)  # spiking -> liquid -> Mamba
+            m = self.mamba(h + a, mamba_state)  # spiking -> liquid -> Mamba
         elif mode == "parallel":
-            m = self.mamba(h)
+            m = self.mamba(h, mamba_state)
         if self.cfg.use_cross_attention:
-            a_new = a + self.cross_attn(a, m)  # liquid/spiking stream reads the Mamba stream
+            kv = {} if state is None else state.kv
+            a_new = a + self.cross_attn(a, m, kv.get("cross_attn"))  # liquid/spiking stream reads the Mamba stream
             if mode == "bidirectional":
-                m = m + self.cross_attn_back(m, a)  # and the Mamba stream reads it back
+                m = m + self.cross_attn_back(m, a, kv.get("cross_attn_back"))  # and the Mamba stream reads it back
             a = a_new
         return [a, m]
 
@@ -292,28 +326,32 @@ class HybridLM(nn.Module):
         counts["total"] = sum(counts.values())
         return dict(counts)
 
-    # --- decoding (model.generate) -------------------------------------------------------
-    def init_state(self, batch: int):
-        """A fresh decoding state for ``batch`` sequences (``model.generate.DecodeState``)."""
-        from model.generate import init_state
+    # --- decoding (the loop is model.generate's) ----------------------------------------------
+    def init_state(self, batch: int) -> DecodeState:
+        """A fresh decoding state for ``batch`` sequences."""
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        return DecodeState(batch, [BlockState() for _ in self.blocks])
 
-        return init_state(self, batch)
+    def decode(self, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Logits (b l v) of ``tokens`` (b l) after what ``state`` has seen, each block running
+        from its state; the caller (``model.generate.advance``) moves ``state.position``."""
+        x = self.embedding(tokens)  # b l d
+        for block, block_state in zip(self.blocks, state.blocks, strict=True):
+            x, _ = block(x, block_state)
+        return self.head(self.norm(x))  # b l v
 
-    def prefill(self, tokens: torch.Tensor, state=None):
+    def prefill(self, tokens: torch.Tensor, state: DecodeState | None = None) -> tuple[torch.Tensor, DecodeState]:
         """Run the prompt ``tokens`` (b l) in one parallel pass; returns its logits (b l v),
         equal to ``self(tokens)``, and the decoding state after it. With a ``state`` that has
         seen tokens, continues from it token by token."""
-        from model.generate import advance
-
         state = self.init_state(tokens.shape[0]) if state is None else state
         return advance(self, tokens, state), state
 
-    def step(self, token: torch.Tensor, state) -> torch.Tensor:
+    def step(self, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """Feed one token per sequence (b,); returns the next-token logits (b v) and moves
         ``state`` on by one token, at a cost that does not grow with the length (the
         cross-attention's KV cache aside)."""
-        from model.generate import advance
-
         if token.dim() != 1:
             raise ValueError(f"step takes one token per sequence, shape (batch,), got {tuple(token.shape)}")
         return advance(self, token[:, None], state)[:, 0]

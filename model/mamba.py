@@ -1,6 +1,8 @@
 """The Mamba mixer block, as mamba-ssm's ``mamba_simple.Mamba`` (its non-fused path).
 
-Parameter names equal mamba-ssm's, so its state dicts load into this module and back.
+Parameter names equal mamba-ssm's, so its state dicts load into this module and back. For
+decoding, ``MambaState`` is its inference cache (the conv's last inputs, the scan's state)
+and ``Mamba.step`` advances it by one token, as mamba-ssm's ``Mamba.step`` does.
 
 Shape letters:
     b  batch
@@ -14,6 +16,7 @@ Shape letters:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,14 @@ from torch import Tensor, nn
 from model.config import ModelConfig
 from model.ops.selective_scan import SCAN_IMPLS, ScanImpl, resolve_scan_impl, selective_scan
 from model.ops.selective_scan.mamba_inner import mamba_inner
+
+
+@dataclass
+class MambaState:
+    """The mixer's inference cache; None before the first token."""
+
+    conv: Tensor | None = None  # b e k: the conv's last k = d_conv - 1 inputs, oldest first
+    ssm: Tensor | None = None  # b e n: the selective scan's state, in its compute dtype
 
 
 class Mamba(nn.Module):
@@ -94,12 +105,17 @@ class Mamba(nn.Module):
             scan_impl=cfg.scan_impl,
         )
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        """(b l d) -> (b l d); position t reads positions <= t only."""
+    def forward(self, hidden: Tensor, state: MambaState | None = None) -> Tensor:
+        """(b l d) -> (b l d); position t reads positions <= t only. With a ``MambaState``
+        (decoding): over an empty state, the sequence, keeping its last state; over a state
+        that has seen tokens, token by token (``step``)."""
+        if state is not None and state.ssm is not None:
+            return torch.cat([self.step(h_t, state) for h_t in hidden.split(1, dim=1)], dim=1)
         xz = self.in_proj(hidden)  # (b l 2e)
-        if torch.is_grad_enabled() and resolve_scan_impl(xz, self.scan_impl) == "numba" and not self._watched():
+        if state is None and torch.is_grad_enabled() and resolve_scan_impl(xz, self.scan_impl) == "numba" \
+                and not self._watched():
             return self._fused(xz)
-        return self.out_proj(self._unfused(xz))
+        return self.out_proj(self._unfused(xz, state))
 
     def _watched(self) -> bool:
         """Whether a forward hook watches a layer the fused Function would run past
@@ -109,19 +125,22 @@ class Mamba(nn.Module):
 
     def _fused(self, xz: Tensor) -> Tensor:
         """(b l 2e) -> (b l d), out_proj included, in one autograd Function that keeps only
-        xz and the weights (``model.ops.selective_scan.mamba_inner``): the CPU path, where the scan is the
-        numba kernel, under autograd. Without autograd nothing is saved, and the op-by-op path is what
-        ``model.generate``'s prefill runs, so its logits equal the forward's bit for bit
-        (the fused forward alone would be about 1.2x faster there)."""
+        xz and the weights (``model.ops.selective_scan.mamba_inner``): the CPU path, where
+        the scan is the numba kernel, under autograd. Without autograd nothing is saved, and
+        the op-by-op path is what a decoding prefill runs, so its logits equal the forward's
+        bit for bit (the fused forward alone would be about 1.2x faster there)."""
         conv = self.conv1d
         return mamba_inner(xz, conv.weight, conv.bias, self.x_proj.weight, self.dt_proj.weight,
                            self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight, self.out_proj.bias)
 
-    def _unfused(self, xz: Tensor) -> Tensor:
-        """(b l 2e) -> (b l e) op by op, as mamba-ssm's reference path; any scan."""
+    def _unfused(self, xz: Tensor, state: MambaState | None = None) -> Tensor:
+        """(b l 2e) -> (b l e) op by op, as mamba-ssm's reference path; any scan. With a
+        ``state``, the conv's last inputs and the scan's last state are kept in it."""
         l = xz.shape[1]
         xz = xz.transpose(1, 2)  # (b 2e l)
         x, z = xz.chunk(2, dim=1)  # (b e l) each
+        if state is not None:
+            state.conv = F.pad(x, (self.d_conv - 1, 0))[..., l:]  # b e k: the last k inputs, zeros before
         x = F.silu(self.conv1d(x)[..., :l])  # causal: drop the outputs that read the right pad
         x_dbl = self.x_proj(x.transpose(1, 2))  # (b l r+2n)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -135,6 +154,30 @@ class Mamba(nn.Module):
             z=z,
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
+            return_last_state=state is not None,
             impl=self.scan_impl,
         )  # (b e l)
+        if state is not None:
+            y, state.ssm = y  # (b e l), (b e n)
         return y.transpose(1, 2)  # (b l e)
+
+    def step(self, hidden: Tensor, state: MambaState) -> Tensor:
+        """One token (b 1 d) after what ``state`` has seen, as mamba-ssm's ``Mamba.step``;
+        moves the state on by that token."""
+        xz = self.in_proj(hidden[:, 0])  # b 2e
+        x, z = xz.chunk(2, dim=-1)  # b e each
+        window = torch.cat([state.conv, x[..., None]], dim=-1)  # b e k+1, oldest first
+        state.conv = window[..., 1:]
+        x = (window * self.conv1d.weight[:, 0]).sum(-1)  # b e: the causal conv at this token
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # b r, b n, b n
+        dtype = state.ssm.dtype  # the scan's compute dtype (fp32, or fp64 for an fp64 model)
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(dtype) + self.dt_proj.bias.to(dtype))  # b e
+        A = -torch.exp(self.A_log.to(dtype))  # e n
+        u = x.to(dtype)
+        state.ssm = torch.exp(delta[..., None] * A) * state.ssm + (delta * u)[..., None] * B.to(dtype)[:, None]
+        y = torch.einsum("ben,bn->be", state.ssm, C.to(dtype)) + u * self.D.to(dtype)  # b e
+        y = y * F.silu(z.to(dtype))
+        return self.out_proj(y.to(hidden.dtype))[:, None]  # b 1 d

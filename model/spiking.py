@@ -2,7 +2,10 @@
 the token axis (``model.ops.lif``, with the semantics of
 ``snntorch.Leaky(reset_mechanism="subtract")``), and spike-to-continuous conversion.
 
-Shapes: b batch, l length, s spiking units, d hidden.
+For decoding, ``SpikingState`` carries what the path needs from token to token (the two
+membranes and the feature filter's state), and ``SpikingPath.step`` advances it by one token.
+
+Shapes: b batch, l length, s spiking units, d hidden, w rate window.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 import torch.nn.functional as F
 from torch import nn
 
@@ -54,11 +58,34 @@ class SpikeTrace:
         return self.pre.float().mean(dim=(0, 1)), self.post.float().mean(dim=(0, 1))
 
 
+@dataclass
+class SpikingState:
+    """What the spiking path carries from token to token; None before the first token."""
+
+    mem1: Tensor | None = None  # b s, fp32: the first layer's membranes
+    mem2: Tensor | None = None  # b s, fp32: the second layer's
+    window: Tensor | None = None  # b w s: the rate method's last w spikes of layer 2
+    trace: Tensor | None = None  # b s: the temporal method's running sum
+
+
+def _lif_step(cur: Tensor, mem: Tensor, beta: float, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One token (b 1 s) of the LIF recurrence, in ``model.ops.lif``'s order of operations:
+    mem = (beta mem + cur) - threshold [mem_prev > threshold]; returns (spk, mem) in cur's
+    dtype (b 1 s) and the fp32 state (b s)."""
+    c = cur[:, 0].float()  # b s
+    reset = (mem > threshold).float()
+    new = mem * beta + c - reset * threshold
+    spk = (new > threshold).to(cur.dtype)
+    return spk[:, None], new.to(cur.dtype)[:, None], new
+
+
 class SpikingPath(nn.Module):
     """input -> Linear -> LIF -> synapse (Linear) -> LIF -> features.
 
     ``synapse`` carries the weights STDP acts on: pre = first layer's spikes, post =
-    second layer's spikes.
+    second layer's spikes. With a ``SpikingState`` (decoding), ``forward`` over an empty
+    state runs the sequence and keeps its last state; over a state that has seen tokens it
+    steps token by token (``step``).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -76,14 +103,53 @@ class SpikingPath(nn.Module):
         nn.init.zeros_(self.encoder.bias)
         nn.init.constant_(self.synapse.bias, 0.1)
 
-    def forward(self, h: torch.Tensor) -> SpikeTrace:
+    def forward(self, h: Tensor, state: SpikingState | None = None) -> SpikeTrace:
+        """(b l d) -> the trace of every token, each (b l s)."""
+        if state is not None and state.mem1 is not None:
+            return _cat_traces([self.step(h_t, state) for h_t in h.split(1, dim=1)])
         c = self.cfg
-        spk1, _ = lif(self.encoder(h), c.beta, c.spike_threshold, c.surrogate, c.surrogate_scale, c.lif_impl)
+        spk1, mem1 = lif(self.encoder(h), c.beta, c.spike_threshold, c.surrogate, c.surrogate_scale, c.lif_impl)
         spk2, mem2 = lif(self.synapse(spk1), c.beta, c.spike_threshold, c.surrogate, c.surrogate_scale, c.lif_impl)
         feats = spikes_to_features(
             spk2, mem2, c.spike_to_mamba_method, c.spike_rate_window, c.spike_temporal_tau, c.spike_threshold
         )
+        if state is not None:
+            self._keep(state, mem1, spk2, mem2)
+        return SpikeTrace(pre=spk1, post=spk2, membrane=mem2, features=feats)
+
+    def _keep(self, state: SpikingState, mem1: Tensor, spk2: Tensor, mem2: Tensor) -> None:
+        """The state after a sequence: the last membranes and the feature filter's state."""
+        c = self.cfg
+        state.mem1, state.mem2 = mem1[:, -1].float(), mem2[:, -1].float()
+        if c.spike_to_mamba_method == "rate":
+            w = c.spike_rate_window
+            state.window = F.pad(spk2, (0, 0, w, 0))[:, spk2.shape[1]:]  # b w s: the last w spikes
+        elif c.spike_to_mamba_method == "temporal":
+            state.trace = discounted_cumsum(spk2, math.exp(-1.0 / c.spike_temporal_tau))[:, -1]  # b s
+
+    def step(self, h: Tensor, state: SpikingState) -> SpikeTrace:
+        """One token (b 1 d) after what ``state`` has seen; moves it on by that token."""
+        c = self.cfg
+        thr = c.spike_threshold
+        spk1, _, state.mem1 = _lif_step(self.encoder(h), state.mem1, c.beta, thr)
+        spk2, mem2, state.mem2 = _lif_step(self.synapse(spk1), state.mem2, c.beta, thr)
+        if c.spike_to_mamba_method == "rate":  # sums of 0/1 are exact: the cumsum difference bit for bit
+            state.window = torch.cat([state.window[:, 1:], spk2], dim=1)  # b w s
+            feats = state.window.sum(dim=1, keepdim=True) / c.spike_rate_window  # b 1 s
+        elif c.spike_to_mamba_method == "temporal":
+            a = math.exp(-1.0 / c.spike_temporal_tau)
+            state.trace = a * state.trace + spk2[:, 0]  # b s
+            feats = ((1 - a) * state.trace)[:, None]
+        else:  # potential
+            feats = mem2 / thr
         return SpikeTrace(pre=spk1, post=spk2, membrane=mem2, features=feats)
 
 
-__all__ = ["SpikeTrace", "SpikingPath", "spikes_to_features"]
+def _cat_traces(traces: list[SpikeTrace]) -> SpikeTrace:
+    def cat(name: str) -> Tensor:
+        return torch.cat([getattr(t, name) for t in traces], dim=1)
+
+    return SpikeTrace(pre=cat("pre"), post=cat("post"), membrane=cat("membrane"), features=cat("features"))
+
+
+__all__ = ["SpikeTrace", "SpikingPath", "SpikingState", "spikes_to_features"]

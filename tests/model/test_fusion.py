@@ -130,3 +130,21 @@ def test_recomputed_cross_attention_on_cuda_keeps_its_attention_kernel_and_track
     for i, (a, b) in enumerate(zip(got, want)):
         assert a.dtype == b.dtype
         assert_close(a, b, dtype=torch.bfloat16, msg=f"tensor {i}")
+
+
+def test_cross_attention_with_a_cache_steps_as_the_causal_forward():
+    """The cache's keys and values after a prefill of 4 let each later token's query read
+    every earlier key: the forward's outputs, and one key and value a token."""
+    from model.fusion import KVCache
+
+    torch.manual_seed(3)
+    attn = CausalCrossAttention(16, heads=4, out_std=0.1).eval()
+    q, kv = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    cache = KVCache()
+    with torch.no_grad():
+        full, first = attn(q, kv), attn(q[:, :4], kv[:, :4])
+        head = attn(q[:, :4], kv[:, :4], cache)
+        tail = attn(q[:, 4:], kv[:, 4:], cache)  # a filled cache: token by token
+    assert torch.equal(head, first)
+    assert_close(tail, full[:, 4:], scale=0.1)
+    assert cache.keys.shape == cache.values.shape == (2, 4, 9, 4)

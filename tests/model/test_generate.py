@@ -104,11 +104,11 @@ def test_state_does_not_grow_with_length_except_the_kv_cache():
     shapes = []
     for t in x.unbind(1):
         model.step(t, state)
-        shapes.append([(name, tuple(getattr(st, name).shape)) for st in state.blocks
-                       for name in ("mem1", "mem2", "window", "liquid", "conv", "ssm")])
+        shapes.append([tuple(t.shape) for st in state.blocks for t in (
+            st.spiking.mem1, st.spiking.mem2, st.spiking.window, st.liquid, st.mamba.conv, st.mamba.ssm)])
     assert all(s == shapes[0] for s in shapes), "the recurrent state must keep its size"
-    keys, values = state.blocks[0].kv["cross_attn_back"]
-    assert keys.shape[2] == values.shape[2] == 30, "one cached key and value per token"
+    cache = state.blocks[0].kv["cross_attn_back"]
+    assert cache.keys.shape[2] == cache.values.shape[2] == 30, "one cached key and value per token"
 
 
 def test_sequences_of_a_batch_decode_independently():

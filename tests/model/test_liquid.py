@@ -490,7 +490,8 @@ def test_sequence_functions_agree_with_layer_dispatch():
         assert_close(ltc(x, h0)[0], ltc_sequence_ref(ltc.cell, x, h0)[0], msg="ltc ref")
 
 
-@pytest.mark.parametrize("impl,loops", [("torch", "torch_loop"), ("numba", "numba_kernel"), ("triton", "triton_kernel")])
+@pytest.mark.parametrize("impl,loops", [("torch", "torch_loop"), ("numba", "numba_kernel"),
+                                        ("triton", "triton_kernel")])
 def test_cfc_impl_picks_where_the_layers_loops_run(impl, loops, monkeypatch):
     """--cfc-impl reaches the scan: the asked implementation's loops run, forward and backward."""
     from model.ops import numba_support, triton_support

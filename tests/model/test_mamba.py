@@ -235,3 +235,23 @@ def test_matches_mamba_ssm_module_with_its_state_dict(exact_fp32_cuda, scan_impl
     assert_close(y, y_theirs, scale=20, msg="output")
     for name, grad in grads.items():
         assert_close(grad, grads_theirs[name], scale=20 * GRAD_SCALE, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("d_conv", [1, 4])
+def test_step_by_step_equals_the_forward_and_prefill_keeps_the_state(d_conv):
+    """The mixer's own inference cache: stepping one token at a time from an empty state
+    (after a prefill of 5) gives the forward's outputs; the state keeps its size."""
+    from model.mamba import MambaState
+
+    m = make_mamba(d_conv=d_conv).eval()
+    x = torch.randn(2, 12, m.d_model)
+    with torch.no_grad():
+        full, first = m(x), m(x[:, :5])
+        state = MambaState()
+        head = m(x[:, :5], state)
+        shapes = (tuple(state.conv.shape), tuple(state.ssm.shape))
+        tail = torch.cat([m.step(x_t, state) for x_t in x[:, 5:].split(1, dim=1)], dim=1)
+    assert torch.equal(head, first), "a prefill is the forward"
+    assert shapes == ((2, m.d_inner, d_conv - 1), (2, m.d_inner, m.d_state))
+    assert (tuple(state.conv.shape), tuple(state.ssm.shape)) == shapes
+    assert_close(tail, full[:, 5:], scale=0.1, msg="steps after the prefill")

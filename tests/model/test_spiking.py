@@ -83,3 +83,22 @@ def test_surrogate_flags_change_the_gradient_not_the_spikes(flag, value):
         spikes.append(trace.post)
     assert torch.equal(spikes[0], spikes[1])
     assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("method", ["rate", "temporal", "potential"])
+def test_stepping_the_path_from_its_state_gives_the_forwards_trace(method):
+    """SpikingPath's own decoding state: a prefill of 7 tokens, then token by token, gives
+    the sequence's spikes bit for bit and its features to rounding."""
+    from model.spiking import SpikingState
+
+    path = _path(spike_to_mamba_method=method, spike_rate_window=3).eval()
+    h = torch.nn.functional.rms_norm(torch.randn(2, 20, 64), (64,))
+    with torch.no_grad():
+        full, first = path(h), path(h[:, :7])
+        state = SpikingState()
+        head = path(h[:, :7], state)
+        tail = path(h[:, 7:], state)  # a state that has seen tokens: step by step
+    assert full.post.sum() > 0 and torch.equal(head.features, first.features)
+    assert torch.equal(torch.cat([head.post, tail.post], 1), full.post)
+    assert torch.equal(torch.cat([head.pre, tail.pre], 1), full.pre)
+    assert_close(tail.features, full.features[:, 7:], scale=0.1)

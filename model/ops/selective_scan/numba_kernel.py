@@ -447,9 +447,12 @@ def _(u, delta, A, B, C, D, z, delta_bias, softplus, dout, dlast):
     def ble(x):  # a (b l e) buffer seen as (b e l), as the kernels leave it
         return x.new_empty(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2)
 
-    none = u.new_empty(0)  # dA: the kernel's (n e) sum, transposed
-    return [ble(u), ble(delta), A.new_empty(A.shape[1], A.shape[0]).t(), B.new_empty(B.shape), C.new_empty(C.shape), none if D is None else D.new_empty(D.shape),
-            none if z is None else ble(z), none if delta_bias is None else delta_bias.new_empty(delta_bias.shape)]
+    def like(x):
+        return u.new_empty(0) if x is None else x.new_empty(x.shape)
+
+    # dA: the kernel's (n e) sum, transposed
+    return [ble(u), ble(delta), A.new_empty(A.shape[1], A.shape[0]).t(), like(B), like(C), like(D),
+            u.new_empty(0) if z is None else ble(z), like(delta_bias)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
