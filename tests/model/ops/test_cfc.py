@@ -335,3 +335,23 @@ def test_auto_runs_the_triton_kernels_on_cuda_and_a_liquid_layer_trains_under_bf
     assert y.dtype == torch.bfloat16
     assert_close(y, ref(x)[0], dtype=torch.bfloat16)
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@needs_triton
+@settings(deadline=None)
+@given(b=st.integers(1, 20), l=st.integers(1, 12), k=st.integers(1, 40), q=st.integers(1, 24))
+def test_triton_kernels_equal_the_torch_loops_for_any_shape(b, l, k, q):
+    """Any batch (row tiles of 16, the last one partial), any width (padded to a power of
+    two of at least 16, so 17..24 pads to 32), any length: the same values and gradients."""
+    args = _args(b, l, k, q)
+    for name, a, c in zip(NAMES, _run(args, "triton"), _run(args, "torch")):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.slow
+@needs_triton
+@pytest.mark.parametrize("b,l,k,q", [(8, 256, 128, 128), (33, 64, 128, 64), (4, 300, 100, 120)])
+def test_triton_kernels_equal_the_torch_loops_at_wide_shapes(b, l, k, q):
+    args = _args(b, l, k, q, seed=5)
+    for name, a, c in zip(NAMES, _run(args, "triton"), _run(args, "torch")):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

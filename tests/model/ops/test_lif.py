@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model.config import ModelConfig
 from model.ops import numba_support, triton_support
@@ -233,3 +235,21 @@ def test_triton_kernels_compiled_on_cuda_match_the_reference(b, l, s):
 @pytest.mark.gpu
 def test_auto_runs_the_triton_kernels_on_cuda():
     assert interface.resolve_lif_impl("auto", torch.randn(1, 2, 3, device="cuda")) == "triton"
+
+
+@needs_triton
+@settings(deadline=None)
+@given(b=st.integers(1, 4), l=st.integers(1, 40), s=st.integers(1, 200), beta=st.floats(0.05, 0.99),
+       threshold=st.floats(0.1, 2.0), kind=st.sampled_from(["atan", "fast_sigmoid"]))
+def test_triton_kernels_equal_the_loops_for_any_shape(b, l, s, beta, threshold, kind):
+    """Any number of neurons (programs of 128, the last partial) and length: the membranes
+    of the numpy loop to the bit, the torch backward's gradient to rounding."""
+    from model.ops.lif import triton_kernel
+
+    cur = torch.randn(b, l, s, generator=torch.Generator().manual_seed(l * s)) * 1.5
+    spk, mem = triton_kernel.lif_forward(cur, beta, threshold)
+    ref = torch_loop.lif_loop_numpy(cur, beta, threshold)
+    assert torch.equal(mem, ref.contiguous()) and torch.equal(spk, (ref > threshold).float())
+    g_spk, g_mem = torch.randn_like(cur), torch.randn_like(cur)
+    assert_close(triton_kernel.lif_backward(mem, g_spk, g_mem, beta, threshold, kind, 2.5),
+                 torch_loop.lif_backward(mem, g_spk, g_mem, beta, threshold, kind, 2.5))
