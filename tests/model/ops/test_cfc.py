@@ -352,6 +352,13 @@ def test_triton_kernels_equal_the_torch_loops_for_any_shape(b, l, k, q):
 @needs_triton
 @pytest.mark.parametrize("b,l,k,q", [(8, 256, 128, 128), (33, 64, 128, 64), (4, 300, 100, 120)])
 def test_triton_kernels_equal_the_torch_loops_at_wide_shapes(b, l, k, q):
+    """Against the fp64 loops: the weight gradients sum b l (up to 2,400) fp32 terms, in
+    another order in each implementation, so fp32's tolerance is widened 8x."""
     args = _args(b, l, k, q, seed=5)
-    for name, a, c in zip(NAMES, _run(args, "triton"), _run(args, "torch")):
-        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    wide = [a.detach().double().requires_grad_() for a in args]
+    g = torch.Generator().manual_seed(99)
+    gy, gh = torch.randn(b, l, q, generator=g), torch.randn(b, q, generator=g)
+    fast, exact = cfc_scan(*args, 0.666, 1.7159, impl="triton"), cfc_scan(*wide, 0.666, 1.7159, impl="torch")
+    ours, theirs = [*fast, *_grads(fast, gy, gh, args)], [*exact, *_grads(exact, gy.double(), gh.double(), wide)]
+    for name, a, c in zip(NAMES, ours, theirs):
+        assert_close(a, c, dtype=torch.float32, scale=8, msg=name)
