@@ -65,6 +65,7 @@ class LaunchCounter(TorchDispatchMode):
         self.triton: Counter[str] = Counter()
         self.run_triton = run_triton
         self._inside_launch = 0
+        self._depth = 0  # entered this many times: the body of a custom op re-enters the mode
 
     @property
     def total(self) -> int:
@@ -78,20 +79,31 @@ class LaunchCounter(TorchDispatchMode):
         if body is not None:  # lsnn's ops: what runs inside them, not the op, launches kernels
             with self:
                 return body(*args, **kwargs)
+        if func.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd):
+            # reached only from inside a custom op's body, below autograd, where composites
+            # (contiguous, reshape, matmul, to) arrive whole: count what they decompose into
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         if not _free(func):
             self.aten[func._schema.name.split("::")[-1]] += 1
         return func(*args, **kwargs)
 
     def __enter__(self):
-        self._patches = contextlib.ExitStack()
-        self._patches.enter_context(_watch_triton(self))
+        if self._depth == 0:  # Triton's launches are watched once, by the outermost entry
+            self._patches = contextlib.ExitStack()
+            self._patches.enter_context(_watch_triton(self))
+        self._depth += 1
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            self._patches.close()
+            self._depth -= 1
+            if self._depth == 0:
+                self._patches.close()
 
 
 @contextlib.contextmanager

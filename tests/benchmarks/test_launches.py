@@ -86,3 +86,29 @@ def test_counting_without_running_the_kernels_counts_the_same(short_chunks):
     running every kernel: the launches of the richest layout do not depend on the values."""
     run, dry = (_count(4, GPU_PATH, 16, run_triton) for run_triton in (True, False))
     assert run.aten == dry.aten and run.triton == dry.triton
+
+
+@needs_interpreter
+def test_a_launch_inside_a_custom_op_counts_once_and_the_counter_leaves_triton_as_it_was():
+    """The custom op's body re-enters the counter (and composites such as contiguous are
+    decomposed there): the launch is still counted once, its copies hidden, and Triton's
+    ``run`` is the original again afterwards."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from model.ops.cfc import cfc_scan
+
+    run = InterpretedFunction.run
+    args = [torch.randn(2, 5, 16), torch.rand(2, 8), torch.randn(16, 8), torch.randn(24, 16), torch.randn(24)]
+    args = [a.requires_grad_() for a in args]
+    counts = []
+    for run_triton in (True, False):  # not running the kernels: no interpreter, no copies to hide
+        for a in args:
+            a.grad = None
+        with LaunchCounter(run_triton) as c:
+            y, _ = cfc_scan(*args, impl="triton")
+            y.sum().backward()
+        counts.append(c)
+        assert InterpretedFunction.run is run
+    assert dict(counts[0].triton) == {"_forward": 1, "_backward": 1}
+    assert counts[0].aten == counts[1].aten
+    assert counts[0].aten["clone"] >= 3  # the folded weights made contiguous: a composite, decomposed

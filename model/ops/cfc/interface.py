@@ -96,72 +96,84 @@ def resolve_cfc_impl(impl: str, *tensors: Tensor) -> str:
     return impl
 
 
-def _folded(h0: Tensor, w_h: Tensor, w_p: Tensor, scale_in: float, scale_out: float
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """rows (3q): 2, 2, 1 a head; w_mt (q k), w_pt (k 3q) and m0 (b q): the folded step's."""
-    q = h0.shape[1]
-    rows = h0.new_full((3 * q,), 2.0)  # no tensor from Python data (on a GPU, a sync)
-    rows[2 * q:] = 1.0
-    w_mt = (w_h.t() * (2 * scale_in)).contiguous()  # (q k)
-    w_pt = (w_p.t() * (rows * scale_out)).contiguous()  # (k 3q)
-    return rows, w_mt, w_pt, (h0 + 1) * 0.5
+_ROWS: dict[tuple, Tensor] = {}
+
+
+def _rows(q: int, like: Tensor) -> Tensor:
+    """(3q): 2, 2, 1 a head, the factor each head's row takes in the folding; made once per
+    size, device and dtype (a new one each call would be two kernels, from Python data a
+    host-to-device copy)."""
+    key = (q, like.device, like.dtype)
+    rows = _ROWS.get(key)
+    if rows is None:
+        rows = like.new_full((3 * q,), 2.0)
+        rows[2 * q:] = 1.0
+        if len(_ROWS) > 16:
+            _ROWS.clear()
+        _ROWS[key] = rows
+    return rows
 
 
 @torch.library.custom_op("lsnn::cfc_scan", mutates_args=())
 def _cfc_scan_op(zx: Tensor, h0: Tensor, w_h: Tensor, w_p: Tensor, b_p: Tensor, scale_in: float,
-                 scale_out: float, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(h (b l q), last h (b q)) and what the backward reads: m_all (l b q), acts (l b k) and
+                 scale_out: float, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(h (b l q), last h (b q)) and what the backward reads besides them: acts (l b k) and
     sigs (l b 3q). ``impl`` is resolved (never auto)."""
     b, l, k = zx.shape
     q = h0.shape[1]
-    rows, w_mt, w_pt, m0 = _folded(h0, w_h, w_p, scale_in, scale_out)
+    rows = _rows(q, zx)
+    w_mt = w_h.mul(2 * scale_in).t().contiguous()  # (q k)
+    w_pt = w_p.mul((rows * scale_out).unsqueeze(1)).t().contiguous()  # (k 3q)
     # The buffers start as the additive terms (zx' and the bias); the loops accumulate each
     # token's products into its slot.
     acts = torch.sub(zx.transpose(0, 1), w_h.sum(1), out=zx.new_empty(l, b, k)).mul_(scale_in)  # (l b k)
     sigs = (b_p * rows).expand(l, b, 3 * q).contiguous()  # (l b 3q)
     m_all = zx.new_empty(l, b, q)
-    _kernels(impl).cfc_forward(m0, w_mt, w_pt, acts, sigs, m_all)
-    m = m_all[-1] if l else m0
-    return (m_all * 2 - 1).transpose(0, 1), m * 2 - 1, m_all, acts, sigs
+    _kernels(impl).cfc_forward(h0.add(1).mul_(0.5), w_mt, w_pt, acts, sigs, m_all)
+    h_all = m_all.mul_(2).sub_(1)  # (l b q): h = 2 m - 1, in m's buffer
+    last = h_all[-1].clone() if l else h0.clone()
+    return h_all.transpose(0, 1), last, acts, sigs
 
 
 @_cfc_scan_op.register_fake
 def _(zx, h0, w_h, w_p, b_p, scale_in, scale_out, impl):
     b, l, k = zx.shape
     q = h0.shape[1]
-    return (zx.new_empty(l, b, q).transpose(0, 1), h0.new_empty(b, q), zx.new_empty(l, b, q),
-            zx.new_empty(l, b, k), zx.new_empty(l, b, 3 * q))
+    return zx.new_empty(l, b, q).transpose(0, 1), h0.new_empty(b, q), zx.new_empty(l, b, k), zx.new_empty(l, b, 3 * q)
 
 
 @torch.library.custom_op("lsnn::cfc_scan_backward", mutates_args=())
 def _cfc_scan_backward_op(gy: Tensor | None, gh: Tensor | None, h0: Tensor, w_h: Tensor, w_p: Tensor,
-                          m_all: Tensor, acts: Tensor, sigs: Tensor, scale_in: float, scale_out: float,
+                          y: Tensor, acts: Tensor, sigs: Tensor, scale_in: float, scale_out: float,
                           impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of zx (b l k), h0 (b q), w_h (k q), w_p (3q k) and b_p (3q) for the
-    upstream gy (b l q) and gh (b q) (None: zero)."""
-    l, b, q = m_all.shape
-    rows, w_mt, w_pt, m0 = _folded(h0, w_h, w_p, scale_in, scale_out)
-    w_m, w_p_f = w_mt.t().contiguous(), w_pt.t().contiguous()  # (k q), (3q k)
+    upstream gy (b l q) and gh (b q) (None: zero), from the forward's h (b l q)."""
+    l, b, k = acts.shape
+    q = h0.shape[1]
+    rows = _rows(q, acts)
+    w_m = w_h.mul(2 * scale_in)  # (k q)
+    w_pf = w_p.mul((rows * scale_out).unsqueeze(1))  # (3q k)
     # dL/dm_t = 2 dL/dh_t; the loops add the carry from m_{t+1} into the same slot
-    gms = m_all.new_zeros(l, b, q) if gy is None else torch.mul(gy.transpose(0, 1), 2, out=m_all.new_empty(l, b, q))
+    gms = acts.new_zeros(l, b, q) if gy is None else torch.mul(gy.transpose(0, 1), 2, out=acts.new_empty(l, b, q))
     if gh is not None:
         gms[-1].add_(gh, alpha=2)
     dp_all, dz_all = acts.new_empty(l, b, 3 * q), torch.empty_like(acts)  # (l b 3q), (l b k)
-    _kernels(impl).cfc_backward(w_p_f, w_m, acts, sigs, gms, dp_all, dz_all)
-    carry = dz_all[0] @ w_m  # dL/dm_0 -> h0
-    dp_all = dp_all.view(l * b, 3 * q)  # (lb 3q)
-    m_prev = torch.cat([m0.unsqueeze(0), m_all[:-1]]).view(l * b, q)  # (lb q)
-    # Chain back through the folding: zx' = i (zx - w_h 1), w_m = 2 i w_h, rows, m0.
-    d_wh = (dz_all.view(l * b, -1).t() @ m_prev).mul_(2 * scale_in)  # (k q)
-    d_wh.sub_(dz_all.sum((0, 1)).mul_(scale_in).unsqueeze(1))
-    d_wp = (dp_all.t() @ acts.view(l * b, -1)).mul_((rows * scale_out).unsqueeze(1))  # (3q k)
-    d_bp = dp_all.sum(0).mul_(rows)  # (3q)
+    _kernels(impl).cfc_backward(w_pf, w_m, acts, sigs, gms, dp_all, dz_all)
+    # Chain back through the folding: zx' = i (zx - w_h 1), w_m = 2 i w_h, rows, m = (h + 1) / 2.
+    # dL/dw_h = i dz^T (2 m_prev - 1) = i dz^T h_prev, and dL/dh0 = dL/dm_0 / 2 = i dz_0 w_h.
+    dz_flat = dz_all.view(l * b, k)
+    h_prev = torch.cat([h0.unsqueeze(0), y.transpose(0, 1)[:-1]]).view(l * b, q)  # (lb q)
+    d_wh = (dz_flat.t() @ h_prev).mul_(scale_in)  # (k q)
+    d_h0 = (dz_all[0] @ w_h).mul_(scale_in)  # (b q)
+    dp_flat = dp_all.view(l * b, 3 * q)
+    d_wp = (dp_flat.t() @ acts.view(l * b, k)).mul_((rows * scale_out).unsqueeze(1))  # (3q k)
+    d_bp = dp_flat.sum(0).mul_(rows)  # (3q)
     d_zx = dz_all.mul_(scale_in).transpose(0, 1)  # (b l k)
-    return d_zx, carry * 0.5, d_wh, d_wp, d_bp
+    return d_zx, d_h0, d_wh, d_wp, d_bp
 
 
 @_cfc_scan_backward_op.register_fake
-def _(gy, gh, h0, w_h, w_p, m_all, acts, sigs, scale_in, scale_out, impl):
+def _(gy, gh, h0, w_h, w_p, y, acts, sigs, scale_in, scale_out, impl):
     l, b, k = acts.shape
     return acts.new_empty(l, b, k).transpose(0, 1), torch.empty_like(h0), torch.empty_like(w_h), \
         torch.empty_like(w_p), w_p.new_empty(w_p.shape[0])
@@ -169,16 +181,16 @@ def _(gy, gh, h0, w_h, w_p, m_all, acts, sigs, scale_in, scale_out, impl):
 
 def _setup_context(ctx, inputs, output) -> None:
     _, h0, w_h, w_p, _, scale_in, scale_out, impl = inputs
-    _, _, m_all, acts, sigs = output
-    ctx.mark_non_differentiable(m_all, acts, sigs)
+    y, _, acts, sigs = output
+    ctx.mark_non_differentiable(acts, sigs)
     ctx.set_materialize_grads(False)  # no zeros for the buffers, nor for an unused last h
-    ctx.save_for_backward(h0, w_h, w_p, m_all, acts, sigs)
+    ctx.save_for_backward(h0, w_h, w_p, y, acts, sigs)
     ctx.args = (scale_in, scale_out, impl)
 
 
 def _backward(ctx, gy, gh, *_):
-    h0, w_h, w_p, m_all, acts, sigs = ctx.saved_tensors
-    grads = _cfc_scan_backward_op(gy, gh, h0, w_h, w_p, m_all, acts, sigs, *ctx.args)
+    h0, w_h, w_p, y, acts, sigs = ctx.saved_tensors
+    grads = _cfc_scan_backward_op(gy, gh, h0, w_h, w_p, y, acts, sigs, *ctx.args)
     return *grads, None, None, None
 
 
@@ -193,5 +205,5 @@ def cfc_scan(
     h0 (b q), w_h (k q), w_p (3q k), b_p (3q), all of one dtype -> (h (b l q), last h (b q)).
     ``impl``: where the per-token loops run, one of ``CFC_IMPLS`` (see the module docstring)."""
     impl = resolve_cfc_impl(impl, zx, h0, w_h, w_p, b_p)
-    y, h, *_ = _cfc_scan_op(zx, h0, w_h, w_p, b_p, float(scale_in), float(scale_out), impl)
+    y, h, _, _ = _cfc_scan_op(zx, h0, w_h, w_p, b_p, float(scale_in), float(scale_out), impl)
     return y, h
