@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from stability.atomic import TMP_MARK, atomic_link, atomic_write, fsync_dir
+from stability.atomic import TMP_MARK, atomic_link, atomic_write, fsync_dir, remove_path
 from stability.distributed import Dist, all_reduce_, barrier, is_sharded, local
 
 SHARDED_STATE = "state.pt"  # the non-sharded part of a sharded checkpoint
@@ -99,13 +99,6 @@ def recover_dirs(root: Path) -> None:
         dst = old.with_name(old.name[1:-len(f"{TMP_MARK}old")])
         if not dst.exists():
             os.rename(old, dst)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _readable(load, path: Path):
@@ -281,7 +274,7 @@ class CheckpointDir:
         if not self.writer:
             return
         for _, path in self.kept()[: -self.keep]:
-            _remove(path)
+            remove_path(path)
 
     def drop_after(self, step: int) -> None:
         """A rollback to ``step`` abandons the kept checkpoints taken after it."""
@@ -289,7 +282,7 @@ class CheckpointDir:
             return
         for s, path in self.kept():
             if s > step:
-                _remove(path)
+                remove_path(path)
 
     def mark_best(self) -> None:
         if self.writer:
