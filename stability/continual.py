@@ -134,9 +134,7 @@ class ReplayBuffer:
 
     def _offer_reservoir(self, w: torch.Tensor, task: int, n_seen: int) -> None:
         if len(self.windows) < self.capacity:
-            self.windows.append(w)
-            self.tasks.append(task)
-            self.importance.append(1.0)
+            self._append(w, task)
             return
         slot = self.rng.randrange(n_seen)
         if slot < self.capacity:
@@ -150,13 +148,16 @@ class ReplayBuffer:
                 largest = max(set(self.tasks), key=self.tasks.count)
                 victims = [i for i, t in enumerate(self.tasks) if t == largest]
                 self._drop(self.rng.choice(victims))
-            self.windows.append(w)
-            self.tasks.append(task)
-            self.importance.append(1.0)
+            self._append(w, task)
             return
         slot = self.rng.randrange(self.seen[task])
         if slot < len(mine):
             self.windows[mine[slot]] = w
+
+    def _append(self, w: torch.Tensor, task: int) -> None:
+        self.windows.append(w)
+        self.tasks.append(task)
+        self.importance.append(1.0)  # scored when its task ends (importance strategy)
 
     def _drop(self, i: int) -> None:
         del self.windows[i], self.tasks[i], self.importance[i]
