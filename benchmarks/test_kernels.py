@@ -18,13 +18,6 @@ from model.ssm import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _flush_denormals():
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-
-
 def _fwd_bwd(fn, *inputs):
     def run():
         out = fn(*inputs)
