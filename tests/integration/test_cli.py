@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shlex
-import signal
 
 import pytest
 import torch
 
 from stability.checkpoint import load_checkpoint
 from stability.cli import PHASES, build_parser, resolve
-from stability.trainer import Trainer
-from tests.integration.cli_helpers import FAST, TINY_MODEL, records, run_cli
+from tests.integration.cli_helpers import FAST, TINY_MODEL, ctrl_c_after, records, run_cli
 
 # The four commands of TRAINING_STABILITY_FIXES.md, verbatim after `python scripts/cli.py`.
 WRITE_UP = {
@@ -171,18 +168,10 @@ def test_interrupted_run_resumes_with_the_same_losses(tmp_path, corpus, monkeypa
     straight = tmp_path / "straight"
     assert run_cli([*common, "--output-dir", str(straight)]) == 0
 
-    original = Trainer.train_step
-
-    def interrupt_after_7(self, window):
-        out = original(self, window)
-        if self.step == 7:
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would
-        return out
-
     broken = tmp_path / "broken"
-    monkeypatch.setattr(Trainer, "train_step", interrupt_after_7)
-    assert run_cli([*common, "--output-dir", str(broken)]) == 130
-    monkeypatch.setattr(Trainer, "train_step", original)
+    with monkeypatch.context() as m:
+        ctrl_c_after(m, 7)
+        assert run_cli([*common, "--output-dir", str(broken)]) == 130
     assert "--resume" in capsys.readouterr().out
     assert load_checkpoint(broken / "checkpoints" / "last.pt")["trainer"]["step"] == 7
     assert run_cli([*common, "--output-dir", str(broken), "--resume"]) == 0
