@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -221,7 +222,7 @@ class Trainer:
         self.group_lr_scale = torch.ones(len(groups), device=device)
         self.lr_factor = torch.ones((), device=device)
         self.policy = LossScalePolicy(guard_cfg, device, enabled=amp_dtype == torch.float16)
-        self.guard = StepGuard(guard_cfg, device, cfg.gradient_clip, window=cfg.log_every)
+        self.guard = StepGuard(guard_cfg, device, cfg.gradient_clip, window=cfg.log_every, dist=dist)
         self.lr_offset = torch.zeros((), dtype=torch.int64, device=device)  # good steps before this task
         self.step = 0  # optimizer steps taken or skipped; restored by rollback and resume
         self.attempt = 0  # optimizer-step attempts; never goes back (fault plans key on it)
@@ -324,7 +325,7 @@ class Trainer:
         # 4. judge, clip, guarded step
         verdict = self.guard.judge(loss_ok, grad_norm, mean_loss)
         mean_loss = verdict.loss  # over every rank
-        if self.cfg.gradient_clip > 0 or self.guard_cfg.spike_policy == "clip":
+        if self.guard.clips:
             clip_(grads, verdict.max_norm, grad_norm)
         self.optimizer.found_inf = verdict.skip  # the fused kernel leaves everything untouched
         self.optimizer.step()
@@ -358,8 +359,8 @@ class Trainer:
     def _unguarded_step(self, grads, grad_norm, loss, tokens, blocks, lr) -> StepOutput:
         """The same step with no guard: the baseline the guard's overhead is measured
         against, and what ``--no-guard`` runs. A non-finite step corrupts the weights."""
-        if self.cfg.gradient_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.gradient_clip, grad_norm, foreach=True)
+        if self.guard.clip_norm < math.inf:  # --gradient-clip; no guard, so no spike clipping
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.guard.clip_norm, grad_norm, foreach=True)
         self.optimizer.found_inf = None
         self.optimizer.step()
         scale_used = self.policy.scale_t
