@@ -53,8 +53,12 @@ class EWC:
     def active(self) -> bool:
         return self.tasks > 0 and self.strength > 0
 
-    def penalty(self, model: nn.Module) -> torch.Tensor:
-        """(lambda / 2) * sum_k F_k (theta - theta*_k)^2, a differentiable scalar."""
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """(lambda / 2) * sum_k F_k (theta - theta*_k)^2, a differentiable scalar; None
+        before the first consolidation or at strength 0 (the trainer's loss hook: it adds
+        nothing then)."""
+        if not self.active:
+            return None
         terms = sum(((a * p - 2 * b) * p).sum() for p, a, b in zip(self.params, self.A, self.B))
         return 0.5 * self.strength * (self.C + full(terms))  # FSDP2: one reduction over the shards
 
