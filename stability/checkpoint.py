@@ -307,20 +307,23 @@ class CheckpointDir:
 
         path = Path(path or self.last)
         _, leaves = _split(template)
-        missing = [k for k in _keys(plain) if k not in leaves]
+        wanted = _markers(plain)  # where each sharded tensor stands -> its key in the files
+        missing = [where for where in wanted if where not in leaves]
         if missing:
             raise UnreadableCheckpoint(f"{path}: this run has nothing to load {missing[0]} into")
-        leaves = {k: leaves[k] for k in _keys(plain)}
-        _readable(lambda: dcp.load(leaves, checkpoint_id=str(path)), path)
-        return _join(plain, leaves)
+        # paired by where they stand, not by their keys: a checkpoint of an earlier layout
+        # (``stability.checkpointer.upgrade``) keeps its files' keys at new places
+        by_key = {key: leaves[where] for where, key in wanted.items()}
+        _readable(lambda: dcp.load(by_key, checkpoint_id=str(path)), path)
+        return _join(plain, by_key)
 
 
-def _keys(plain: Any) -> list[str]:
-    """The keys of the sharded tensors ``plain`` marks."""
+def _markers(plain: Any, prefix: str = "") -> dict[str, str]:
+    """Where (``_split``'s path) each sharded tensor ``plain`` marks stands -> its key."""
     if isinstance(plain, dict):
         if set(plain) == {_LEAF}:
-            return [plain[_LEAF]]
-        return [k for v in plain.values() for k in _keys(v)]
+            return {prefix: plain[_LEAF]}
+        return {k: v for key, sub in plain.items() for k, v in _markers(sub, f"{prefix}/{key}").items()}
     if isinstance(plain, (list, tuple)):
-        return [k for v in plain for k in _keys(v)]
-    return []
+        return {k: v for i, sub in enumerate(plain) for k, v in _markers(sub, f"{prefix}/{i}").items()}
+    return {}

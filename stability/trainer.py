@@ -15,16 +15,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from stability.config import ConfigError, GuardConfig, PlasticityConfig, TrainConfig
+from stability.config import GuardConfig, PlasticityConfig, TrainConfig
 from stability.distributed import Dist, all_reduce_, local
 from stability.faults import FaultInjector
 from stability.guard import OVERFLOW, StepGuard, Verdict
@@ -36,84 +34,6 @@ if TYPE_CHECKING:
     from stability.diagnostics import BlockProbe
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (b l), targets (b l) with -100 masked
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
-    return torch.device(name)
-
-
-def resolve_amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """None for fp32 training; bf16 where supported under auto, else fp16."""
-    if not cfg.mixed_precision:
-        return None
-    if cfg.amp_dtype == "fp16":
-        return torch.float16
-    if cfg.amp_dtype == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-_FIXED_VOCAB = {"byte": 256, "gpt2": 50257, "o200k": 200019}
-
-
-def estimate_vocab(train_cfg: TrainConfig) -> int:
-    """The vocabulary a run will have at most: --vocab-size for bpe, else the tokenizer's."""
-    return _FIXED_VOCAB.get(train_cfg.tokenizer, train_cfg.vocab_size)
-
-
-def count_parameters(model_cfg, train_cfg: TrainConfig) -> int:
-    """The model's parameters, counted on the meta device: nothing is allocated."""
-    from model import HybridLM
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in HybridLM(replace(model_cfg, vocab_size=estimate_vocab(train_cfg))).parameters())
-
-
-def checkpoint_bytes(model_cfg, train_cfg: TrainConfig) -> int:
-    """About what one checkpoint takes on disk: the weights and Adam's two moments, in fp32."""
-    return 3 * 4 * count_parameters(model_cfg, train_cfg)
-
-
-def estimate_training_bytes(model_cfg, train_cfg: TrainConfig) -> dict[str, int]:
-    """What a training step holds, by part, before anything is allocated."""
-    from model.loss import chunk_rows
-
-    vocab = estimate_vocab(train_cfg)
-    params = count_parameters(model_cfg, train_cfg)
-    fp32 = 4
-    tokens = train_cfg.batch_size * train_cfg.sequence_length
-    if model_cfg.chunked_loss:
-        # a chunk's fp32 logits and their softmax, and the head's gradient buffers (v d), (tokens d)
-        logits = 2 * fp32 * min(chunk_rows(vocab), tokens) * vocab + fp32 * (vocab + tokens) * model_cfg.hidden_dim
-    else:
-        logits = 3 * fp32 * tokens * vocab  # fp32 logits, their log-softmax and its gradient
-    return {
-        # weights, gradients, Adam's two moments, and the rollback snapshot of all three
-        "weights, gradients, optimizer state and the rollback snapshot": 7 * fp32 * params,
-        "the logits of a micro-batch": logits,
-    }
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for a run on ``device``; None where the platform does not say."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def on_device(batch: Batch, device: torch.device) -> Batch:

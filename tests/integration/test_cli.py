@@ -225,7 +225,7 @@ def test_gradient_accumulation_reads_that_many_batches_per_step(tmp_path, corpus
     assert run_cli(["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(out), "--max-steps", "3",
                     "--gradient-accumulation-steps", "2", "--log-every", "3"]) == 0
     state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert state["position"]["index"] == 6
+    assert state["stream"]["position"]["index"] == 6
     (step,) = records(out, "step")
     assert step["step"] == 3
 
@@ -252,8 +252,8 @@ def test_a_run_stopped_by_max_steps_resumes_with_more_steps(tmp_path, corpus):
     assert [r["step"] for r in records(staged, "epoch")] == [4, 8], "each stop gets its own summary"
     # the same batches in the same order (the schedule's horizon is the first run's, so the
     # learning rates, and with them the losses, differ after step 4)
-    a = load_checkpoint(straight / "checkpoints" / "last.pt")["position"]
-    assert load_checkpoint(staged / "checkpoints" / "last.pt")["position"] == a
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")["stream"]["position"]
+    assert load_checkpoint(staged / "checkpoints" / "last.pt")["stream"]["position"] == a
 
 
 def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_allocates(tmp_path, corpus, capsys):

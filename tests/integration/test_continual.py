@@ -111,8 +111,8 @@ def test_replay_mixes_earlier_tasks_into_batches_and_off_means_off(tmp_path, two
 
     window = Window((Position(1, 0, 0),), Position(1, 0, 1))
     on = _run(tmp_path / "on", two_domains, "--use-replay", "--replay-fraction", "0.5")
-    raw_x, _ = on.tasks[1].train.get(0, 0)
-    first_task = on.tasks[0].train.get(0, 0)[0]
+    raw_x, _ = on.stream.tasks[1].train.get(0, 0)
+    first_task = on.stream.tasks[0].train.get(0, 0)[0]
     on.stream.replay.offer(torch.cat([first_task, first_task[:, -1:]], dim=1), task=0)
     (x, _), = on.stream.batches(window)
     assert torch.equal(x[:2], raw_x[:2]) and not torch.equal(x[2:], raw_x[2:])

@@ -82,7 +82,7 @@ def test_each_periodic_checkpoint_records_the_next_batch_to_read(tmp_path, corpu
     original = CheckpointDir.save
 
     def spy(self, state, keep):
-        saved.append((state["trainer"]["step"], state["position"]["index"]))
+        saved.append((state["trainer"]["step"], state["stream"]["position"]["index"]))
         return original(self, state, keep)
 
     monkeypatch.setattr(CheckpointDir, "save", spy)
