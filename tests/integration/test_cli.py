@@ -7,7 +7,8 @@ import shlex
 import pytest
 import torch
 
-from stability.checkpoint import load_checkpoint
+from stability.atomic import atomic_write
+from stability.checkpoint import load_checkpoint, serialize
 from stability.cli import PHASES, build_parser, resolve
 from tests.integration.cli_helpers import FAST, TINY_MODEL, ctrl_c_after, records, run_cli
 
@@ -152,6 +153,19 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path, corpus, capsys
     assert run_cli(args) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert (out / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_resume_refuses_a_checkpoint_of_a_format_it_does_not_know_naming_what_to_do(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    base = ["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(out), "--max-steps", "2"]
+    assert run_cli(base) == 0
+    last = out / "checkpoints" / "last.pt"
+    atomic_write(last, serialize({**load_checkpoint(last), "format": 99}))
+    capsys.readouterr()
+    assert run_cli([*base, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "last.pt is a checkpoint of format 99; this version of lsnn reads formats 1-2" in err
+    assert "start over without --resume (with --overwrite)" in err
 
 
 def test_resume_with_a_different_model_is_refused(tmp_path, corpus, capsys):

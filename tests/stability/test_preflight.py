@@ -12,7 +12,15 @@ from model import HybridLM
 from stability import preflight
 from stability.config import RunSpec, TrainConfig
 from stability.distributed import Dist
-from stability.preflight import BLOCKS, LOGITS, OUTSIDE, BadInput, check_memory, estimate_training_bytes
+from stability.preflight import (
+    BLOCKS,
+    LOGITS,
+    OUTSIDE,
+    BadInput,
+    check_memory,
+    checkpoint_bytes,
+    estimate_training_bytes,
+)
 from tests.tiny import tiny_hybrid_config
 
 CPU = torch.device("cpu")
@@ -27,6 +35,7 @@ def test_the_memory_estimate_counts_the_real_parameters_without_allocating_them(
     parts = estimate_training_bytes(cfg, BPE)
     params = sum(p.numel() for p in HybridLM(cfg).parameters())
     assert parts[BLOCKS] + parts[OUTSIDE] == 7 * 4 * params, "weights, gradients, Adam's moments, the snapshot"
+    assert checkpoint_bytes(cfg, BPE) == 3 * 4 * params, "the weights and Adam's moments on disk"
 
 
 def test_the_logits_estimate_follows_the_loss_and_the_tokenizer():
@@ -45,12 +54,14 @@ def test_the_logits_estimate_follows_the_loss_and_the_tokenizer():
         3 * 4 * 8 * 4096 * 8192
 
 
-def _counting_blocks(monkeypatch) -> list[int]:
+def _counting_blocks(monkeypatch, most: int = 3) -> list[int]:
+    """The blocks the model package builds from now on; more than ``most`` fails at once."""
     built: list[int] = []
     create = model.hybrid.create_block
 
     def counted(cfg, index):
         built.append(index)
+        assert len(built) <= most, f"{len(built)} blocks built to size the model"
         return create(cfg, index)
 
     monkeypatch.setattr(model.hybrid, "create_block", counted)
@@ -66,7 +77,7 @@ def test_a_typo_of_100000_layers_is_refused_by_its_flag_without_building_them(mo
     with pytest.raises(BadInput, match=r"--num-layers 100000 x blocks of --hidden-dim 128: training would need "
                                        r"about \d+\.\d GB .* lower --num-layers or --hidden-dim"):
         check_memory(spec, CPU)
-    assert len(built) <= 3, f"{len(built)} blocks built to size the model"
+    assert built, "the count comes from the model package's own blocks"
 
 
 def test_a_run_that_cannot_fit_is_refused_naming_what_to_lower(monkeypatch):
