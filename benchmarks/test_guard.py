@@ -8,16 +8,8 @@ benchmark reports each one's own time and the median of per-round ratios.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from benchmarks.test_phases import bench_paired, hybrid_step
-
-
-@pytest.fixture(autouse=True)
-def _flush_denormals():
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
 
 
 @pytest.mark.parametrize("guard", [False, True], ids=["unguarded", "guarded"])

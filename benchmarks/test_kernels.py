@@ -19,13 +19,6 @@ from model.ops.selective_scan import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _flush_denormals():
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-
-
 def _fwd_bwd(fn, *inputs):
     def run():
         out = fn(*inputs)

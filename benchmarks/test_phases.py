@@ -42,15 +42,13 @@ THREADS = int(os.environ.get("LSNN_BENCH_THREADS", "0"))
 
 
 @pytest.fixture(autouse=True)
-def _flush_denormals():
-    """As `lsnn train` does on the CPU: subnormals make any model ~10x slower (the
-    baseline too). Process-wide, so restored afterwards; so is the thread count."""
+def _thread_count():
+    """LSNN_BENCH_THREADS, if set; process-wide, so restored afterwards (denormals are
+    flushed for every benchmark, in conftest.py)."""
     threads = torch.get_num_threads()
     if THREADS:
         torch.set_num_threads(THREADS)
-    torch.set_flush_denormal(True)
     yield
-    torch.set_flush_denormal(False)
     torch.set_num_threads(threads)
 
 

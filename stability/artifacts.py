@@ -15,7 +15,9 @@ from typing import Any, Literal
 import torch
 
 from model import HybridLM, ModelConfig
+from stability.atomic import atomic_write
 from stability.checkpoint import UnreadableCheckpoint, load_checkpoint
+from stability.config import RunSpec
 from stability.data import DataError
 from stability.tokenizers import TOKENIZER_FILE, Tokenizer, load_saved_tokenizer, save_tokenizer
 
@@ -35,6 +37,14 @@ class RunArtifacts:
     step: int  # optimizer steps the checkpoint had taken
     model: HybridLM  # in eval mode
     tokenizer: Tokenizer
+
+
+def write_run_config(run_dir: Path, spec: RunSpec, **facts: Any) -> None:
+    """``run_dir/config.json``, which ``read_run_config`` reads back: every setting of
+    ``spec`` by section, what else the run was trained with (``facts``: the tokenizer, the
+    corpus fingerprint, the device...), and the torch version."""
+    config = {**spec.to_dict(), **facts, "torch": torch.__version__}
+    atomic_write(Path(run_dir) / "config.json", json.dumps(config, indent=2, default=str))
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
@@ -77,7 +87,8 @@ def load_model(path: Path, config: dict[str, Any], device: torch.device | str = 
         ckpt = load_checkpoint(path)
     except UnreadableCheckpoint as e:
         raise ArtifactError(f"{e}; pass --checkpoint {'last' if path.stem == 'best' else 'best'} or retrain") from e
-    cfg_dict = ckpt.get("config", {}).get("model", config["model"])
+    saved = ckpt["run"]["config"] if "run" in ckpt else ckpt.get("config", {})  # format 2, else 1
+    cfg_dict = saved.get("model", config["model"])
     try:
         cfg = ModelConfig.from_dict(cfg_dict)
     except ValueError as e:

@@ -74,9 +74,18 @@ def remove_stale_temporaries(*directories: Path) -> list[Path]:
             continue
         for path in Path(directory).iterdir():
             if path.name.startswith(".") and TMP_MARK in path.name:
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+                remove_path(path)
                 removed.append(path)
     return removed
+
+
+def remove_path(path: Path, strict: bool = False) -> None:
+    """Delete a file or a directory (a sharded checkpoint is one). Not ``strict``, what is
+    already gone or cannot be deleted is left as it is: clearing out temporaries and old
+    checkpoints must never stop a run. ``strict`` raises the OSError (--overwrite must not
+    leave half a run behind)."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=not strict)
+    else:
+        path.unlink(missing_ok=not strict)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from stability.atomic import TMP_MARK, atomic_link, atomic_write, fsync_dir
+from stability.atomic import TMP_MARK, atomic_link, atomic_write, fsync_dir, remove_path
 from stability.distributed import Dist, all_reduce_, barrier, is_sharded, local
 
 SHARDED_STATE = "state.pt"  # the non-sharded part of a sharded checkpoint
@@ -99,13 +99,6 @@ def recover_dirs(root: Path) -> None:
         dst = old.with_name(old.name[1:-len(f"{TMP_MARK}old")])
         if not dst.exists():
             os.rename(old, dst)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _readable(load, path: Path):
@@ -281,7 +274,7 @@ class CheckpointDir:
         if not self.writer:
             return
         for _, path in self.kept()[: -self.keep]:
-            _remove(path)
+            remove_path(path)
 
     def drop_after(self, step: int) -> None:
         """A rollback to ``step`` abandons the kept checkpoints taken after it."""
@@ -289,7 +282,7 @@ class CheckpointDir:
             return
         for s, path in self.kept():
             if s > step:
-                _remove(path)
+                remove_path(path)
 
     def mark_best(self) -> None:
         if self.writer:
@@ -314,20 +307,23 @@ class CheckpointDir:
 
         path = Path(path or self.last)
         _, leaves = _split(template)
-        missing = [k for k in _keys(plain) if k not in leaves]
+        wanted = _markers(plain)  # where each sharded tensor stands -> its key in the files
+        missing = [where for where in wanted if where not in leaves]
         if missing:
             raise UnreadableCheckpoint(f"{path}: this run has nothing to load {missing[0]} into")
-        leaves = {k: leaves[k] for k in _keys(plain)}
-        _readable(lambda: dcp.load(leaves, checkpoint_id=str(path)), path)
-        return _join(plain, leaves)
+        # paired by where they stand, not by their keys: a checkpoint of an earlier layout
+        # (``stability.checkpointer.upgrade``) keeps its files' keys at new places
+        by_key = {key: leaves[where] for where, key in wanted.items()}
+        _readable(lambda: dcp.load(by_key, checkpoint_id=str(path)), path)
+        return _join(plain, by_key)
 
 
-def _keys(plain: Any) -> list[str]:
-    """The keys of the sharded tensors ``plain`` marks."""
+def _markers(plain: Any, prefix: str = "") -> dict[str, str]:
+    """Where (``_split``'s path) each sharded tensor ``plain`` marks stands -> its key."""
     if isinstance(plain, dict):
         if set(plain) == {_LEAF}:
-            return [plain[_LEAF]]
-        return [k for v in plain.values() for k in _keys(v)]
+            return {prefix: plain[_LEAF]}
+        return {k: v for key, sub in plain.items() for k, v in _markers(sub, f"{prefix}/{key}").items()}
     if isinstance(plain, (list, tuple)):
-        return [k for v in plain for k in _keys(v)]
-    return []
+        return {k: v for i, sub in enumerate(plain) for k, v in _markers(sub, f"{prefix}/{i}").items()}
+    return {}

@@ -498,8 +498,8 @@ def use_command(args: argparse.Namespace) -> int:
     from stability.data import DataError
     from stability.evaluation import evaluate_run, format_result
     from stability.healthreport import ReportError, write_report
+    from stability.preflight import resolve_device
     from stability.sampling import SampleError, generate
-    from stability.trainer import resolve_device
 
     try:
         if args.command == "report":

@@ -339,3 +339,8 @@ class RunSpec:
     @property
     def num_tasks(self) -> int:
         return self.continual.num_tasks if self.continual.continual_learning else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every section by name, as config.json and a checkpoint hold them."""
+        return {"model": self.model.to_dict(), "train": self.train.to_dict(), "guard": self.guard.to_dict(),
+                "plasticity": self.plasticity.to_dict(), "continual": self.continual.to_dict()}

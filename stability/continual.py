@@ -53,8 +53,12 @@ class EWC:
     def active(self) -> bool:
         return self.tasks > 0 and self.strength > 0
 
-    def penalty(self, model: nn.Module) -> torch.Tensor:
-        """(lambda / 2) * sum_k F_k (theta - theta*_k)^2, a differentiable scalar."""
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """(lambda / 2) * sum_k F_k (theta - theta*_k)^2, a differentiable scalar; None
+        before the first consolidation or at strength 0 (the trainer's loss hook: it adds
+        nothing then)."""
+        if not self.active:
+            return None
         terms = sum(((a * p - 2 * b) * p).sum() for p, a, b in zip(self.params, self.A, self.B))
         return 0.5 * self.strength * (self.C + full(terms))  # FSDP2: one reduction over the shards
 
@@ -134,9 +138,7 @@ class ReplayBuffer:
 
     def _offer_reservoir(self, w: torch.Tensor, task: int, n_seen: int) -> None:
         if len(self.windows) < self.capacity:
-            self.windows.append(w)
-            self.tasks.append(task)
-            self.importance.append(1.0)
+            self._append(w, task)
             return
         slot = self.rng.randrange(n_seen)
         if slot < self.capacity:
@@ -150,13 +152,16 @@ class ReplayBuffer:
                 largest = max(set(self.tasks), key=self.tasks.count)
                 victims = [i for i, t in enumerate(self.tasks) if t == largest]
                 self._drop(self.rng.choice(victims))
-            self.windows.append(w)
-            self.tasks.append(task)
-            self.importance.append(1.0)
+            self._append(w, task)
             return
         slot = self.rng.randrange(self.seen[task])
         if slot < len(mine):
             self.windows[mine[slot]] = w
+
+    def _append(self, w: torch.Tensor, task: int) -> None:
+        self.windows.append(w)
+        self.tasks.append(task)
+        self.importance.append(1.0)  # scored when its task ends (importance strategy)
 
     def _drop(self, i: int) -> None:
         del self.windows[i], self.tasks[i], self.importance[i]

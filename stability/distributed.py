@@ -130,6 +130,15 @@ def broadcast(d: Dist, obj: T) -> T:
     return box[0]
 
 
+def agreed_signal(d: Dist, signum: int | None) -> int | None:
+    """The first signal any rank got (``signum``: this rank's, or None), on every rank; a
+    host read, so only where the host reads anyway."""
+    if not d.active:
+        return signum
+    signals = gather(d, signum) if any_rank(d, signum is not None) else []
+    return next((s for s in signals if s is not None), None)
+
+
 def barrier(d: Dist) -> None:
     if d.active:
         dist.barrier()

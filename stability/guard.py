@@ -33,14 +33,15 @@ steps with one sync.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from stability.config import GuardConfig
+from stability.distributed import Dist, all_reduce_
 
 OK, NONFINITE_LOSS, OVERFLOW, SPIKE, LOSS_SPIKE, NONFINITE_GRAD = 0, 1, 2, 3, 4, 5
 REASONS = ("ok", "nonfinite_loss", "overflow", "spike", "loss_spike", "nonfinite_grad")
@@ -81,9 +82,13 @@ def band_name(norm: float, cfg: GuardConfig) -> str:
 
 
 class StepGuard:
-    def __init__(self, cfg: GuardConfig, device: torch.device | str, gradient_clip: float, window: int):
-        self.cfg = cfg
-        self.gradient_clip = gradient_clip
+    def __init__(self, cfg: GuardConfig, device: torch.device | str, gradient_clip: float, window: int,
+                 dist: Dist = Dist()):
+        self.cfg, self.dist = cfg, dist
+        # the one clip decision: --gradient-clip's bound (inf: none) and, under --spike-policy
+        # clip, a spike's threshold below it; the trainer clips when ``clips`` says so
+        self.clip_norm = gradient_clip if gradient_clip > 0 else math.inf
+        self.clips = self.clip_norm < math.inf or cfg.spike_policy == "clip"
         self.window = window
         dev = torch.device(device)
         z = lambda dtype=torch.int64: torch.zeros((), dtype=dtype, device=dev)  # noqa: E731
@@ -118,13 +123,13 @@ class StepGuard:
         grads_ok = torch.isfinite(norm)
         nan_grads = torch.isnan(norm)
         peer = torch.zeros_like(loss_ok)
-        if dist.is_available() and dist.is_initialized():
+        if self.dist.active:
             local_bad = ~loss_ok | ~grads_ok
             value = loss.float() if loss is not None else torch.zeros((), device=norm.device)
-            packed = torch.stack([(~loss_ok).float(), (~grads_ok).float(), nan_grads.float(), value])
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+            packed = all_reduce_(self.dist, torch.stack([(~loss_ok).float(), (~grads_ok).float(),
+                                                         nan_grads.float(), value]))
             loss_ok, grads_ok, nan_grads = packed[0] == 0, grads_ok & (packed[1] == 0), packed[2] > 0
-            loss = packed[3] / dist.get_world_size() if loss is not None else None
+            loss = packed[3] / self.dist.world if loss is not None else None
             peer = ~local_bad & ~(loss_ok & grads_ok)
         loss_spike = self._loss_spike(loss_ok, loss)
         threshold = self.norm_mean + c.spike_zscore * self.norm_var.clamp(min=0).sqrt()
@@ -136,7 +141,7 @@ class StepGuard:
         reason = torch.where(~grads_ok, torch.where(nan_grads, NONFINITE_GRAD, OVERFLOW), reason)
         reason = torch.where(~loss_ok, NONFINITE_LOSS, reason)
         skip = (reason != OK).float()
-        max_norm = torch.full_like(norm, self.gradient_clip if self.gradient_clip > 0 else float("inf"))
+        max_norm = torch.full_like(norm, self.clip_norm)
         if c.spike_policy == "clip":
             max_norm = torch.where(spike, torch.minimum(max_norm, threshold), max_norm)
             self.spikes_clipped += spike.long()

@@ -26,11 +26,14 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stability.atomic import atomic_write
 from stability.config import GuardConfig
 from stability.guard import REASONS
+
+if TYPE_CHECKING:
+    from stability.reporting import Reporter
 
 REPORT_PNG, REPORT_HTML = "report.png", "report.html"
 _WIDTH_IN, _DPI = 12.0, 100
@@ -476,3 +479,14 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     atomic_write(png_path, png)
     atomic_write(html_path, _html(title, summary(log), png, log))
     return png_path, html_path
+
+
+def draw_report(run_dir: Path, report: Reporter) -> None:
+    """At the end of a run: write its report, saying where; a failure (a full disk) is a
+    warning, never the run's failure (the run itself is saved)."""
+    try:
+        png, _ = write_report(run_dir)
+    except (ReportError, OSError) as e:
+        report.warn(f"could not write the health report: {e}")
+        return
+    report.line(f"health report: {png} and {png.with_suffix('.html').name}")

@@ -12,11 +12,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stability.config import GuardConfig
 from stability.guard import BANDS, REASONS, band_name
 from stability.reporting import Reporter
+
+if TYPE_CHECKING:
+    from stability.stream import Position
 
 
 @dataclass
@@ -51,6 +54,41 @@ class Monitor:
         self.last_sync_step = last_sync_step
         self.totals = Totals()
         self.tokens, self.started = 0, time.monotonic()
+        self._plasticity_seen: dict[str, list] | None = None  # the counters the last sync point read
+
+    def add_tokens(self, n: int) -> None:
+        """A step trained ``n`` tokens (the step line's tokens/s)."""
+        self.tokens += n
+
+    def end_epoch(self) -> None:
+        """The epoch's summary is out: the next one's totals start from nothing."""
+        self.totals = Totals()
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_sync_step": self.last_sync_step, "totals": self.totals.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rewind(state)
+        self.totals = Totals.from_state(state["totals"])
+
+    def rewind(self, state: dict[str, Any]) -> None:
+        """A rollback to ``state``: the rows read since are history, but the epoch's totals
+        keep them (the summary counts the skips that caused the rollback)."""
+        self.last_sync_step = state["last_sync_step"]
+
+    # -- sync points -----------------------------------------------------------------------
+    def sync(self, rows: list[dict[str, Any]], step: int, last: Position, counters: dict[str, Any],
+             describe: Callable[[int], list[dict[str, Any]]], plasticity: dict[str, list] | None = None) -> None:
+        """A sync point's lines and records, of ``rows`` (``rows()``) up to ``step``, whose
+        last micro-batch was ``last``: the skips and loud norms (``tally``), new STDP drops
+        and clips (with ``plasticity``, the counters read now), and the step line."""
+        self.tally(rows, last.epoch + 1, describe)
+        extra: dict[str, Any] = {"task": last.task + 1}
+        if plasticity is not None:
+            self.plasticity(self._plasticity_seen, plasticity, step)
+            self._plasticity_seen = extra["plasticity"] = plasticity
+        self.step_line(rows, step, last.epoch + 1, counters, **extra)
 
     def rows(self, history: list[list[float]], step: int) -> list[dict[str, Any]]:
         """The history rows of the steps since the last sync, oldest first."""

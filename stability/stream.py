@@ -8,7 +8,7 @@ again) and replay mixing. The run loop reads
     window = stream.next_window()    where the next step's micro-batches are; moves nothing
     ... train on stream.batches(window) ...
     stream.advance(window)           the position moves past it (the one writer)
-    stream.rewind(state)             a rollback puts it back where a snapshot was
+    stream.rewind(state)             a rollback puts it back where a good state was
 
 so a checkpoint or a snapshot taken after ``advance`` always means "the next batch to
 read", and the epoch and task ends a window crosses are reported by the window itself,
@@ -235,15 +235,20 @@ class DataStream:
                             for p, why in sorted(self.quarantined.items())],
         }
 
-    def rank_state(self) -> dict[str, Any]:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resume: the position and the quarantine of a checkpoint."""
+        self.rewind(state)
+        self.quarantined = {Position(t, e, i): {"step": s, "reason": r} for t, e, i, s, r in state["quarantined"]}
+
+    def rewind(self, state: dict[str, Any]) -> None:
+        """A rollback: back to a good state's position, keeping today's quarantine (what the
+        run learnt since, and the reason the batches after that position are not read again)."""
+        self.position = Position(**state["position"])
+
+    def rank_state_dict(self) -> dict[str, Any]:
         """What is this rank's own: its replay buffer."""
         return {"replay": self.replay.state_dict() if self.replay is not None else None}
 
-    def load_state_dict(self, state: dict[str, Any], mine: dict[str, Any], keep_quarantine: bool = False) -> None:
-        """Restore a checkpoint's stream (``mine``: this rank's part); a rollback keeps
-        today's quarantine, which is what it learnt since that checkpoint."""
-        self.position = Position(**state["position"])
-        if not keep_quarantine:
-            self.quarantined = {Position(t, e, i): {"step": s, "reason": r} for t, e, i, s, r in state["quarantined"]}
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         if self.replay is not None:
-            self.replay.load_state_dict(mine["replay"])
+            self.replay.load_state_dict(state["replay"])

@@ -163,11 +163,19 @@ def load_tokenizer(
         if corpus is None:
             raise DataError("--tokenizer bpe: needs a corpus to train on")
         return bpe_tokenizer(corpus, vocab_size, cache_dir)
+    tokenizer = _fixed_tokenizer(kind)
+    if tokenizer is None:
+        raise DataError(f"--tokenizer {kind}: unknown tokenizer; choose one of {', '.join(TOKENIZERS)}")
+    return tokenizer
+
+
+def _fixed_tokenizer(kind: str) -> Tokenizer | None:
+    """The kinds that are neither trained nor saved whole (byte, gpt2, o200k); None for another."""
     if kind == "byte":
         return ByteTokenizer()
     if kind in _TIKTOKEN_FILES:
         return tiktoken_tokenizer(kind)
-    raise DataError(f"--tokenizer {kind}: unknown tokenizer; choose one of {', '.join(TOKENIZERS)}")
+    return None
 
 
 def encode_documents(tokenizer: Tokenizer, docs: Sequence[Document]) -> torch.Tensor:
@@ -224,11 +232,10 @@ def load_saved_tokenizer(directory: Path) -> Tokenizer:
             return BPETokenizer(HFTokenizer.from_str(text), path, from_cache=True)
         except Exception as e:  # the Rust side raises a bare Exception on a malformed file
             raise DataError(f"{path}: not a tokenizers file ({e})") from e
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind in _TIKTOKEN_FILES:
-        return tiktoken_tokenizer(kind)
-    raise DataError(f"{path}: unknown tokenizer {kind!r}; valid: {', '.join(TOKENIZERS)}")
+    tokenizer = _fixed_tokenizer(kind)
+    if tokenizer is None:
+        raise DataError(f"{path}: unknown tokenizer {kind!r}; valid: {', '.join(TOKENIZERS)}")
+    return tokenizer
 
 
 # --- byte-level BPE ---------------------------------------------------------------------

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 from stability.cli import main
+from stability.trainer import Trainer
 
 TINY_MODEL = ["--hidden-dim", "32", "--num-layers", "1", "--liquid-units", "16", "--spiking-units", "8",
               "--liquid-backbone-units", "16", "--mlp-ratio", "2"]
@@ -33,3 +38,16 @@ def records(out: Path, kind: str | None = None) -> list[dict]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines]
     return [r for r in recs if kind is None or r["kind"] == kind]
+
+
+def ctrl_c_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Press Ctrl-C (SIGINT to this process) as optimizer step ``step`` ends."""
+    original = Trainer.train_step
+
+    def train_step(self, batches):
+        out = original(self, batches)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import shlex
-import signal
 
 import pytest
 import torch
 
-from stability.checkpoint import load_checkpoint
+from stability.atomic import atomic_write
+from stability.checkpoint import load_checkpoint, serialize
 from stability.cli import PHASES, build_parser, resolve
-from stability.trainer import Trainer
-from tests.integration.cli_helpers import FAST, TINY_MODEL, records, run_cli
+from tests.integration.cli_helpers import FAST, TINY_MODEL, ctrl_c_after, records, run_cli
 
 # The four commands of TRAINING_STABILITY_FIXES.md, verbatim after `python scripts/cli.py`.
 WRITE_UP = {
@@ -157,6 +155,19 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path, corpus, capsys
     assert (out / "checkpoints" / "last.pt").read_bytes() == before
 
 
+def test_resume_refuses_a_checkpoint_of_a_format_it_does_not_know_naming_what_to_do(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    base = ["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(out), "--max-steps", "2"]
+    assert run_cli(base) == 0
+    last = out / "checkpoints" / "last.pt"
+    atomic_write(last, serialize({**load_checkpoint(last), "format": 99}))
+    capsys.readouterr()
+    assert run_cli([*base, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "last.pt is a checkpoint of format 99; this version of lsnn reads formats 1-2" in err
+    assert "start over without --resume (with --overwrite)" in err
+
+
 def test_resume_with_a_different_model_is_refused(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     base = ["--data", str(corpus), *FAST, "--output-dir", str(out), "--max-steps", "2"]
@@ -171,18 +182,10 @@ def test_interrupted_run_resumes_with_the_same_losses(tmp_path, corpus, monkeypa
     straight = tmp_path / "straight"
     assert run_cli([*common, "--output-dir", str(straight)]) == 0
 
-    original = Trainer.train_step
-
-    def interrupt_after_7(self, window):
-        out = original(self, window)
-        if self.step == 7:
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would
-        return out
-
     broken = tmp_path / "broken"
-    monkeypatch.setattr(Trainer, "train_step", interrupt_after_7)
-    assert run_cli([*common, "--output-dir", str(broken)]) == 130
-    monkeypatch.setattr(Trainer, "train_step", original)
+    with monkeypatch.context() as m:
+        ctrl_c_after(m, 7)
+        assert run_cli([*common, "--output-dir", str(broken)]) == 130
     assert "--resume" in capsys.readouterr().out
     assert load_checkpoint(broken / "checkpoints" / "last.pt")["trainer"]["step"] == 7
     assert run_cli([*common, "--output-dir", str(broken), "--resume"]) == 0
@@ -236,7 +239,7 @@ def test_gradient_accumulation_reads_that_many_batches_per_step(tmp_path, corpus
     assert run_cli(["--data", str(corpus), *FAST, *TINY_MODEL, "--output-dir", str(out), "--max-steps", "3",
                     "--gradient-accumulation-steps", "2", "--log-every", "3"]) == 0
     state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert state["position"]["index"] == 6
+    assert state["stream"]["position"]["index"] == 6
     (step,) = records(out, "step")
     assert step["step"] == 3
 
@@ -263,8 +266,8 @@ def test_a_run_stopped_by_max_steps_resumes_with_more_steps(tmp_path, corpus):
     assert [r["step"] for r in records(staged, "epoch")] == [4, 8], "each stop gets its own summary"
     # the same batches in the same order (the schedule's horizon is the first run's, so the
     # learning rates, and with them the losses, differ after step 4)
-    a = load_checkpoint(straight / "checkpoints" / "last.pt")["position"]
-    assert load_checkpoint(staged / "checkpoints" / "last.pt")["position"] == a
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")["stream"]["position"]
+    assert load_checkpoint(staged / "checkpoints" / "last.pt")["stream"]["position"] == a
 
 
 def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_allocates(tmp_path, corpus, capsys):

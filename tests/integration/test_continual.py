@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import signal
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
-from stability.trainer import Trainer
-from tests.integration.cli_helpers import FAST, TINY_MODEL, records, run_cli
+from tests.integration.cli_helpers import FAST, TINY_MODEL, ctrl_c_after, records, run_cli
 from tests.integration.test_health import tiny_phase_args
 
 CONTINUAL = ["--continual-learning", "--num-tasks", "2", "--val-fraction", "0.2", "--eval-batches", "16"]
@@ -77,18 +74,10 @@ def test_continual_run_resumes_mid_task_with_the_same_losses(tmp_path, two_domai
     straight = tmp_path / "straight"
     assert run_cli([*common, "--output-dir", str(straight)]) == 0
 
-    original = Trainer.train_step
-
-    def interrupt_in_task_two(self, window):
-        out = original(self, window)
-        if self.step == 13:
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-
     broken = tmp_path / "broken"
-    monkeypatch.setattr(Trainer, "train_step", interrupt_in_task_two)
-    assert run_cli([*common, "--output-dir", str(broken)]) == 130
-    monkeypatch.setattr(Trainer, "train_step", original)
+    with monkeypatch.context() as m:
+        ctrl_c_after(m, 13)  # in task two
+        assert run_cli([*common, "--output-dir", str(broken)]) == 130
     assert run_cli([*common, "--output-dir", str(broken), "--resume"]) == 0
     for kind in ("step", "task"):
         a, b = records(straight, kind), records(broken, kind)
@@ -122,8 +111,8 @@ def test_replay_mixes_earlier_tasks_into_batches_and_off_means_off(tmp_path, two
 
     window = Window((Position(1, 0, 0),), Position(1, 0, 1))
     on = _run(tmp_path / "on", two_domains, "--use-replay", "--replay-fraction", "0.5")
-    raw_x, _ = on.tasks[1].train.get(0, 0)
-    first_task = on.tasks[0].train.get(0, 0)[0]
+    raw_x, _ = on.stream.tasks[1].train.get(0, 0)
+    first_task = on.stream.tasks[0].train.get(0, 0)[0]
     on.stream.replay.offer(torch.cat([first_task, first_task[:, -1:]], dim=1), task=0)
     (x, _), = on.stream.batches(window)
     assert torch.equal(x[:2], raw_x[:2]) and not torch.equal(x[2:], raw_x[2:])

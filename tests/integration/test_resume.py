@@ -82,7 +82,7 @@ def test_each_periodic_checkpoint_records_the_next_batch_to_read(tmp_path, corpu
     original = CheckpointDir.save
 
     def spy(self, state, keep):
-        saved.append((state["trainer"]["step"], state["position"]["index"]))
+        saved.append((state["trainer"]["step"], state["stream"]["position"]["index"]))
         return original(self, state, keep)
 
     monkeypatch.setattr(CheckpointDir, "save", spy)
@@ -257,3 +257,47 @@ def test_temporaries_left_by_a_killed_save_are_removed_on_resume(tmp_path, corpu
     orphan.write_bytes(b"half a checkpoint")
     assert run_cli([*common, "--max-steps", "3", "--resume"]) == 0
     assert not orphan.exists()
+
+
+# --- checkpoints written before each part of the run kept its own state ---------------------
+
+from stability.atomic import atomic_write  # noqa: E402
+from stability.checkpoint import serialize  # noqa: E402
+
+
+def as_format_1(state: dict) -> dict:
+    """A checkpoint in the layout lsnn wrote before format 2 (``Run._state`` at d9394dd)."""
+    run, monitor, ledger, tasks = state["run"], state["monitor"], state["ledger"], state["tasks"]
+    return {
+        "trainer": state["trainer"],
+        "position": state["stream"]["position"],
+        "stream": state["stream"],
+        "ranks": [{"rng": r["rng"], "replay": r["stream"]["replay"]} for r in state["ranks"]],
+        "best_val": tasks["best_val"],
+        "window": {"last_sync_step": monitor["last_sync_step"], "totals": monitor["totals"],
+                   "healthy": run["healthy"], "last_pos": ledger["last"], "steps": ledger["steps"]},
+        "continual": {"matrix": tasks["matrix"], "task_start_step": tasks["task_start_step"], "ewc": tasks["ewc"]},
+        "recovery": state["recovery"],
+        "metrics_offset": run["metrics_offset"],
+        "config": run["config"],
+        "corpus": run["corpus"],
+        "kept": state["kept"],
+    }
+
+
+def test_a_run_checkpointed_in_the_earlier_layout_resumes_bitwise_equal_and_rolls_back_to_its_kept_state(
+        tmp_path, corpus):
+    common = ["--data", str(corpus), *FAST, *TINY_MODEL, "--log-every", "2", "--rollback-after", "3",
+              "--snapshot-every", "6", "--checkpoint-every", "6", "--max-steps", "14"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_cli([*common, "--output-dir", str(straight), "--inject-fault", "param:nan@9"]) == 0
+    assert run_cli([*common, "--output-dir", str(stopped), "--inject-fault", "sigterm@8"]) == 143
+    kept = stopped / "checkpoints" / "step-00000006.pt"
+    for path in (stopped / "checkpoints").glob("*.pt"):  # a new file each: kept ones are links to an old last.pt
+        atomic_write(path, serialize(as_format_1(load_checkpoint(path))))
+    assert "window" in load_checkpoint(kept) and "format" not in load_checkpoint(kept)
+    # after the restart the snapshot is gone: the rollback's good state is the kept step-6, in the old layout
+    assert run_cli([*common, "--output-dir", str(stopped), "--resume", "--inject-fault", "param:nan@9"]) == 0
+    (rollback,) = records(stopped, "rollback")
+    assert rollback["to_step"] == 6
+    _same_run(straight, stopped)

@@ -39,6 +39,20 @@ def test_open_run_loads_the_checkpoint_model_and_tokenizer(tmp_path):
         assert torch.equal(art.model(x), net(x))
 
 
+@pytest.mark.parametrize("layout", ["format 1", "format 2"])
+def test_the_model_configuration_is_the_checkpoints_own_in_either_layout(tmp_path, layout):
+    """config.json may have been rewritten since (a resumed run with other flags); the
+    checkpoint's own configuration is what its weights fit."""
+    net = fake_run(tmp_path, which=())
+    config = json.loads((tmp_path / "config.json").read_text())
+    weights = net.state_dict()
+    saved = {"config": config} if layout == "format 1" else {"format": 2, "run": {"config": config}}
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"trainer": {"model": weights, "step": 3}, **saved}, weights)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "hidden_dim": 48}}))
+    art = open_run(tmp_path)
+    assert art.model.cfg.hidden_dim == net.cfg.hidden_dim == 32
+
+
 def test_best_is_the_default_else_last(tmp_path):
     fake_run(tmp_path, which=("last",))
     assert checkpoint_path(tmp_path) == tmp_path / "checkpoints" / "last.pt"

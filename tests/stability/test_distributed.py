@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stability.config import GuardConfig, TrainConfig
+from stability.distributed import Dist
 from stability.faults import FaultInjector, parse_faults
 from stability.trainer import Trainer
 from tests.tiny import TinyLM, batches
@@ -24,7 +25,8 @@ def _worker(rank: int, store: str, ddp: bool, results) -> None:
         model = torch.nn.parallel.DistributedDataParallel(TinyLM()) if ddp else TinyLM()
         injector = FaultInjector(parse_faults("loss:nan@2"), model) if rank == 1 else None
         cfg = TrainConfig(learning_rate=1e-2, warmup_steps=1, log_every=4)
-        trainer = Trainer(model, cfg, GuardConfig(), torch.device("cpu"), total_steps=10, injector=injector)
+        trainer = Trainer(model, cfg, GuardConfig(), torch.device("cpu"), total_steps=10, injector=injector,
+                          dist=Dist(rank=rank, world=2, mode="ddp"), wrapped=model)
         # each rank its own data under DDP (a sharded loader); identical replicas without
         for b in batches(4, seed=10 + rank if ddp else 10):
             trainer.train_step([b])

@@ -43,6 +43,14 @@ def test_band_edges_are_configurable():
     assert band_name(3.0, GuardConfig(band_high=2.0, band_critical=2.5)) == "critical"
 
 
+@pytest.mark.parametrize("clip,policy,clips", [(0.0, "off", False), (0.0, "skip", False), (0.0, "clip", True),
+                                                (0.5, "off", True), (0.5, "clip", True)])
+def test_the_guard_alone_decides_whether_a_step_is_clipped(clip, policy, clips):
+    g = guard(clip=clip, spike_policy=policy)
+    assert g.clips == clips
+    assert float(g.judge(T, torch.tensor(2.0)).max_norm) == (clip or math.inf), "no spike before the warm-up"
+
+
 def _warm(g: StepGuard, steps: int, norm: float = 1.0) -> None:
     for s in range(steps):
         judge_and_commit(g, s, norm + 0.01 * (s % 3))

@@ -62,3 +62,37 @@ def test_totals_round_trip():
     t.skips["spike"] = 1
     again = Totals.from_state(t.state_dict())
     assert again.state_dict() == t.state_dict()
+
+
+def _synced(tmp_path, steps: int):
+    m, _ = _monitor(tmp_path, window=4)
+    rows = m.rows([_row(2.0, 1.0), _row(math.nan, math.nan, reason=1, band=4), _row(2.2, 7.0, band=2),
+                   _row(2.4, 1.0)], steps)
+    m.tally(rows, epoch=1)
+    return m
+
+
+def test_the_monitor_state_round_trips_the_last_sync_point_and_the_epochs_totals(tmp_path):
+    m = _synced(tmp_path, 4)
+    again, _ = _monitor(tmp_path / "again")
+    again.load_state_dict(m.state_dict())
+    assert again.last_sync_step == 4 and again.totals.state_dict() == m.totals.state_dict()
+
+
+def test_a_rollback_rewinds_the_last_sync_point_but_the_epoch_keeps_counting_what_happened(tmp_path):
+    m = _synced(tmp_path, 4)
+    good = m.state_dict()
+    m.rows([_row(2.0, 1.0)] * 4, 8)
+    m.tally([{"step": 5, "loss": math.nan, "grad_norm": math.nan, "reason": "nonfinite_loss", "band": "exploded",
+              "scale": 1.0, "lr": 1e-3}], epoch=1)
+    m.rewind(good)
+    assert m.last_sync_step == 4
+    assert m.totals.skips["nonfinite_loss"] == 2, "the summary counts the skips that caused the rollback"
+
+
+def test_an_epochs_end_starts_the_next_totals_from_nothing(tmp_path):
+    m = _synced(tmp_path, 4)
+    m.add_tokens(64)
+    assert m.totals.steps == 4 and m.tokens == 64
+    m.end_epoch()
+    assert m.totals.state_dict() == Totals().state_dict()

@@ -10,7 +10,6 @@ follows exact arithmetic (the pattern of PyTorch's grad-scaling tests).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import pytest
@@ -456,31 +455,6 @@ def test_weight_decay_shrinks_matrices_but_not_biases_or_norms():
     assert torch.equal(plain.model.head.bias, decayed.model.head.bias), "biases are not decayed"
 
 
-def test_the_memory_estimate_counts_the_real_parameters_without_allocating_them():
-    from model import HybridLM
-    from stability.trainer import estimate_training_bytes
-    from tests.tiny import tiny_hybrid_config
-
-    cfg = tiny_hybrid_config(vocab_size=300)
-    parts = estimate_training_bytes(cfg, TrainConfig(tokenizer="bpe", vocab_size=300, batch_size=2, sequence_length=8))
-    params = sum(p.numel() for p in HybridLM(cfg).parameters())
-    assert parts["weights, gradients, optimizer state and the rollback snapshot"] == 7 * 4 * params
-    # --chunked-loss (the default): two fp32 chunks of logits, here all 16 tokens, and the head's gradients
-    assert parts["the logits of a micro-batch"] == 2 * 4 * 16 * 300 + 4 * (300 + 16) * 32
-    plain = dataclasses.replace(cfg, chunked_loss=False)
-    train = TrainConfig(tokenizer="bpe", vocab_size=300, batch_size=2, sequence_length=8)
-    assert estimate_training_bytes(plain, train)["the logits of a micro-batch"] == 3 * 4 * 2 * 8 * 300
-    byte = estimate_training_bytes(plain, dataclasses.replace(train, tokenizer="byte"))
-    assert byte["the logits of a micro-batch"] == 3 * 4 * 2 * 8 * 256, "byte's vocabulary is 256 whatever the flag"
-    # a long sequence: the chunks stay at their 256 rows of 8192 while the plain logits grow with it
-    long = TrainConfig(tokenizer="bpe", vocab_size=8192, batch_size=8, sequence_length=4096)
-    big = dataclasses.replace(cfg, vocab_size=8192)
-    chunked = estimate_training_bytes(big, long)["the logits of a micro-batch"]
-    assert chunked == 2 * 4 * 256 * 8192 + 4 * (8192 + 8 * 4096) * 32
-    assert estimate_training_bytes(dataclasses.replace(big, chunked_loss=False), long)[
-        "the logits of a micro-batch"] == 3 * 4 * 8 * 4096 * 8192
-
-
 @pytest.mark.parametrize("accum", [1, 2])
 @pytest.mark.parametrize("hybrid", [False, True])
 def test_logits_are_freed_before_the_backward(hybrid, accum):
@@ -513,20 +487,3 @@ def test_an_activation_fault_fires_in_its_micro_batch_only(micro):
         t.train_step([data[2 * i], data[2 * i + 1]])
     assert [(attempt, str(f)) for attempt, f in t.injector.fired] == [(2, plan)]
     assert t.guard.read()["skips"]["nonfinite_loss"] == 1
-
-
-def test_a_run_that_cannot_fit_is_refused_naming_what_to_lower(monkeypatch):
-    """``check_memory`` refuses before anything is allocated; with --no-chunked-loss a long
-    sequence's logits are what does not fit, and the message says which flags set them."""
-    import stability.run as run
-    from stability.config import RunSpec
-    from tests.tiny import tiny_hybrid_config
-
-    monkeypatch.setattr(run, "available_memory", lambda device: 2 * 10**9)
-    train = TrainConfig(tokenizer="bpe", vocab_size=8192, batch_size=8, sequence_length=4096)
-    plain = RunSpec(tiny_hybrid_config(vocab_size=8192, chunked_loss=False), train)
-    with pytest.raises(run.BadInput, match=r"--batch-size 8 x --sequence-length 4096 x vocabulary 8192.*"
-                                           r"about 3\.2 GB.*lower --batch-size, --sequence-length or --vocab-size, "
-                                           r"or drop --no-chunked-loss"):
-        run.check_memory(plain, CPU)
-    run.check_memory(RunSpec(tiny_hybrid_config(vocab_size=8192), train), CPU)  # chunked: it fits
