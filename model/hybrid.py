@@ -178,7 +178,7 @@ class HybridBlock(nn.Module):
         stateful part runs from its state and moves it past these tokens: the whole sequence
         on a fresh state, token by token on a state that has seen tokens."""
         h = self.norm(x)  # b l d
-        spikes = self.spiking(h, None if state is None else state.spiking)
+        spikes = self.spiking(h, state=None if state is None else state.spiking)
         gates = None
         if self.cfg.use_mamba:
             mixed, gates = self.mixer(h, self._with_mamba(h, spikes.features, state))  # b l d
@@ -205,8 +205,10 @@ class HybridBlock(nn.Module):
         return self.mlp(self.mlp_norm(x))
 
     def _liquid(self, x: torch.Tensor, state: BlockState | None) -> torch.Tensor:
-        """The liquid layer (b l i) -> (b l q), from and into the state's hidden state."""
-        y, last = self.liquid(x, None if state is None else state.liquid)
+        """The liquid layer (b l i) -> (b l q), from and into the state's hidden state. The
+        parts' states go by keyword: a forward hook (fault injection, the probes) sees the
+        same positional inputs with or without them."""
+        y, last = self.liquid(x, h0=None if state is None else state.liquid)
         if state is not None:
             state.liquid = last
         return y
@@ -215,21 +217,21 @@ class HybridBlock(nn.Module):
         mode = self.cfg.integration_mode
         mamba_state = None if state is None else state.mamba
         if mode == "bidirectional":
-            m = self.mamba(h + self.spike_to_mamba(feats), mamba_state)  # spike -> Mamba
+            m = self.mamba(h + self.spike_to_mamba(feats), state=mamba_state)  # spike -> Mamba
             liq_in = h + self.mamba_to_liquid(m)  # Mamba -> liquid
         else:
             liq_in = h
         liq = self._liquid(torch.cat([liq_in, feats], dim=-1), state)  # b l q
         a = self.stream_out(torch.cat([feats, liq], dim=-1))  # b l d
         if mode == "sequential":
-            m = self.mamba(h + a, mamba_state)  # spiking -> liquid -> Mamba
+            m = self.mamba(h + a, state=mamba_state)  # spiking -> liquid -> Mamba
         elif mode == "parallel":
-            m = self.mamba(h, mamba_state)
+            m = self.mamba(h, state=mamba_state)
         if self.cfg.use_cross_attention:
             kv = {} if state is None else state.kv
-            a_new = a + self.cross_attn(a, m, kv.get("cross_attn"))  # liquid/spiking stream reads the Mamba stream
+            a_new = a + self.cross_attn(a, m, cache=kv.get("cross_attn"))  # liquid/spiking reads the Mamba stream
             if mode == "bidirectional":
-                m = m + self.cross_attn_back(m, a, kv.get("cross_attn_back"))  # and the Mamba stream reads it back
+                m = m + self.cross_attn_back(m, a, cache=kv.get("cross_attn_back"))  # and Mamba reads it back
             a = a_new
         return [a, m]
 

@@ -147,9 +147,9 @@ def test_mamba_state_is_the_norm_of_the_state_decoding_keeps():
     probe.arm()
     with torch.no_grad():
         model(x)
-        _, state = model.prefill(x)  # decoding's own path: no Mamba.forward, no hook
     record = probe.fields(probe.take().tolist())
-    decoded = [block.ssm.flatten(1).norm(dim=1).mean() for block in state.blocks]
+    _, state = model.prefill(x)  # the Mamba's own inference cache, kept by decoding
+    decoded = [block.mamba.ssm.flatten(1).norm(dim=1).mean() for block in state.blocks]
     assert_close(torch.tensor(record["mamba_state"]), torch.stack(decoded), msg="mamba_state")
 
 
