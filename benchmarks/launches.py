@@ -5,8 +5,8 @@ the phases' sizes a step's time is bound by how many it launches. ``LaunchCounte
 over the code it watches:
 
 - every aten op that reaches the dispatcher and does work: views (``view``, ``transpose``,
-  ``unbind``, ...), allocations (``empty``, ``empty_strided``, ...) and ``detach`` launch
-  nothing and are not counted; everything else is at least one launch on CUDA (a fused
+  ``unbind``, ``_unsafe_view``, ...), allocations (``empty``, ``empty_strided``, ...),
+  ``detach`` and the profiler's record functions launch nothing and are not counted; everything else is at least one launch on CUDA (a fused
   multi-tensor op such as ``_fused_adamw_`` counts once, as a handful of launches would);
 - every Triton kernel launch, once. Under Triton's interpreter (the CPU, TRITON_INTERPRET=1)
   a launch copies its arguments with aten ops; those are the interpreter's, not the GPU's,
@@ -27,10 +27,12 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# Ops that do no work on a device: allocation and bookkeeping.
+# Ops that do no work on a device: allocation, bookkeeping, and the views whose schema says
+# nothing of aliasing (``_unsafe_view``, what reshape and matmul make of a (b l d) input).
 _FREE = frozenset({
     "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "lift_fresh",
-    "_local_scalar_dense", "set_", "resize_",
+    "_local_scalar_dense", "set_", "resize_", "_unsafe_view", "_record_function_enter_new",
+    "_record_function_exit",
 })
 
 
@@ -153,10 +155,13 @@ def count_launches(step: Callable[[], object], run_triton: bool = True) -> Launc
 # A guarded training step of a phase, on a chosen code path
 # ---------------------------------------------------------------------------------------
 
-GPU_PATH = dict(cfc_impl="triton", lif_impl="triton", scan_impl="triton")
-"""The implementations a CUDA machine runs by default (``auto`` there, without mamba-ssm)."""
-TORCH_LOOPS = dict(cfc_impl="torch", lif_impl="torch", scan_impl="parallel")
-"""The GPU code path before the fused kernels: the recurrences' torch loops."""
+GPU_PATH = dict(cfc_impl="triton", lif_impl="triton", scan_impl="triton", kernels="triton", sizes="cuda")
+"""The implementations a CUDA machine runs by default (``auto`` there, without mamba-ssm): the
+recurrences' kernels, the step's bookkeeping (the rates, the guard) fused, and the sizes
+chosen for CUDA (the loss's chunks)."""
+TORCH_LOOPS = dict(cfc_impl="torch", lif_impl="torch", scan_impl="parallel", kernels="torch", sizes="cpu")
+"""The GPU code path before the fused kernels: the recurrences' torch loops, the
+bookkeeping in torch ops."""
 # The phases' layouts at a tiny width: the launch count depends on the layout, not the width.
 TINY = dict(hidden_dim=16, num_layers=2, liquid_units=8, spiking_units=8, liquid_backbone_units=16, mamba_d_state=4,
             num_gate_heads=2, cross_attn_heads=2)
@@ -175,7 +180,9 @@ def phase_step(phase: int, impls: dict[str, str], length: int | None = None, tin
     from stability.config import GuardConfig, PlasticityConfig, TrainConfig
     from stability.trainer import Trainer
 
-    preset = {**PHASES[phase], **(TINY if tiny else {}), **impls}
+    kernels, sizes = impls.get("kernels", "auto"), impls.get("sizes", "cpu")
+    preset = {**PHASES[phase], **(TINY if tiny else {}),
+              **{k: v for k, v in impls.items() if k not in ("kernels", "sizes")}}
     if length is not None:
         preset["sequence_length"] = length
     if batch is not None:
@@ -187,14 +194,30 @@ def phase_step(phase: int, impls: dict[str, str], length: int | None = None, tin
     model_cfg, train, plasticity = pick(ModelConfig, vocab_size=vocab), pick(TrainConfig), pick(PlasticityConfig)
     torch.manual_seed(0)
     trainer = Trainer(HybridLM(model_cfg), train, GuardConfig(), torch.device("cpu"), total_steps=10_000,
-                      amp_dtype=torch.bfloat16 if train.mixed_precision else None, plasticity_cfg=plasticity)
+                      amp_dtype=torch.bfloat16 if train.mixed_precision else None, plasticity_cfg=plasticity,
+                      kernels=kernels)
     g = torch.Generator().manual_seed(0)
     w = torch.randint(0, vocab, (train.batch_size, train.sequence_length + 1), generator=g)
     batches = [(w[:, :-1], w[:, 1:])]
 
     def step():
-        trainer.train_step(batches)
+        with _sized_for(sizes):
+            trainer.train_step(batches)
 
     if warm_up:
         step()
     return step
+
+
+@contextlib.contextmanager
+def _sized_for(device_type: str) -> Iterator[None]:
+    """The CPU takes the sizes ``device_type`` would choose: the loss's chunks (on CUDA eight
+    times the CPU's, each chunk's ops being launches there)."""
+    from model import loss
+
+    saved = loss._CHUNK_LOGITS["cpu"]
+    loss._CHUNK_LOGITS["cpu"] = loss._CHUNK_LOGITS[device_type]
+    try:
+        yield
+    finally:
+        loss._CHUNK_LOGITS["cpu"] = saved

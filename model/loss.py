@@ -26,15 +26,16 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
-# rows per chunk: about 2M logits (8 MB in fp32), at least 128 rows so a large vocabulary
-# still gets products of a useful height
-_CHUNK_LOGITS = 2**21
+# Logits per chunk, by device. The CPU's 2M (8 MB in fp32) stay in its caches; on CUDA every
+# op of a chunk is a kernel launch, and 16M (64 MB) makes phase 4's 16.7M logits two chunks,
+# not eight. At least 128 rows, so a large vocabulary still gets products of a useful height.
+_CHUNK_LOGITS = {"cpu": 2**21, "cuda": 2**24}
 _MIN_ROWS = 128
 
 
-def chunk_rows(vocab: int) -> int:
-    """Rows per chunk for a vocabulary of ``vocab``."""
-    return max(_MIN_ROWS, _CHUNK_LOGITS // max(vocab, 1))
+def chunk_rows(vocab: int, device_type: str = "cpu") -> int:
+    """Rows per chunk for a vocabulary of ``vocab`` on a ``device_type`` device."""
+    return max(_MIN_ROWS, _CHUNK_LOGITS.get(device_type, _CHUNK_LOGITS["cpu"]) // max(vocab, 1))
 
 
 def linear_cross_entropy_ref(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -128,14 +129,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
                          rows: int | None = None, return_hits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """``linear_cross_entropy_ref`` without the whole logits: h (n d), weight (v d), targets
-    (n) -> the mean loss (), in fp32; ``rows`` per chunk (default ``chunk_rows(v)``). With
+    (n) -> the mean loss (), in fp32; ``rows`` per chunk (default ``chunk_rows`` of v on h's
+    device). With
     ``return_hits`` also the number of counted targets that are their row's argmax (int64,
     for accuracy; one more pass over each chunk). Not twice differentiable. No host
     synchronisation: the chunks follow from the shapes."""
     if h.dim() != 2 or weight.dim() != 2 or targets.shape != h.shape[:1] or h.shape[1] != weight.shape[1]:
         raise ValueError(f"expected h (n d), weight (v d), targets (n); got {tuple(h.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")
-    rows = chunk_rows(weight.shape[0]) if rows is None else rows
+    rows = chunk_rows(weight.shape[0], h.device.type) if rows is None else rows
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)

@@ -3,12 +3,14 @@ layers (``SpikingPath.synapse``): pre = first layer's spikes, post = second laye
 
 Each rule maps the spike trains of one batch to a weight change dW (i j) for the synapse
 weight W (i j), post-synaptic i receiving from pre-synaptic j. Traces are causal
-exponential filters, computed for every token at once with ``model.ops.discounted_cumsum``; updates are
-batched einsums. There are no loops over time lags. The caller scales dW by a learning
-rate and applies it through the stability guard; nothing here clamps weights, which keep
-their sign freedom.
+exponential filters, computed for every token at once with ``model.ops.discounted_cumsum``;
+updates are batched einsums. There are no loops over time lags. Every function also takes
+spike trains with leading dimensions (``...``, the blocks of a model, say) and returns one
+change per leading index, so all blocks' changes are the same few ops, not a few a block.
+The caller scales dW by a learning rate and applies it through the stability guard; nothing
+here clamps weights, which keep their sign freedom.
 
-Shapes: b batch, l length, i post-synaptic units, j pre-synaptic units.
+Shapes: ... leading (blocks), b batch, l length, i post-synaptic units, j pre-synaptic units.
 """
 
 from __future__ import annotations
@@ -30,20 +32,21 @@ BCM_THETA_EMA = 0.1  # how fast the BCM threshold slides
 
 
 def trace(spikes: torch.Tensor, tau: float) -> torch.Tensor:
-    """x[t] = exp(-1/tau) x[t-1] + spikes[t]: includes the spike at t (b l n)."""
-    return discounted_cumsum(spikes, math.exp(-1.0 / tau))
+    """x[t] = exp(-1/tau) x[t-1] + spikes[t]: includes the spike at t (... b l n)."""
+    l, n = spikes.shape[-2:]
+    return discounted_cumsum(spikes.reshape(-1, l, n), math.exp(-1.0 / tau)).reshape(spikes.shape)
 
 
 def before(x: torch.Tensor, tau: float) -> torch.Tensor:
     """The trace ``x`` (time constant ``tau``) just before token t: exp(-1/tau) x[t-1],
-    zero at t=0, so a spike at s < t contributes exp(-(t-s)/tau), as in ``trace`` (b l n)."""
-    return math.exp(-1.0 / tau) * F.pad(x, (0, 0, 1, 0))[:, :-1]
+    zero at t=0, so a spike at s < t contributes exp(-(t-s)/tau), as in ``trace`` (... b l n)."""
+    return math.exp(-1.0 / tau) * F.pad(x, (0, 0, 1, 0))[..., :-1, :]
 
 
 def _outer(post_side: torch.Tensor, pre_side: torch.Tensor) -> torch.Tensor:
-    """Sum over batch and tokens of post_side[i] * pre_side[j], per token (i j)."""
-    b, l, _ = post_side.shape
-    return torch.einsum("bli,blj->ij", post_side, pre_side) / (b * l)
+    """Mean over batch and tokens of post_side[i] * pre_side[j] (... i j)."""
+    b, l, _ = post_side.shape[-3:]
+    return torch.einsum("...bli,...blj->...ij", post_side, pre_side) / (b * l)
 
 
 def classical(pre: torch.Tensor, post: torch.Tensor, tau_plus: float, tau_minus: float) -> torch.Tensor:
@@ -75,9 +78,9 @@ def homeostatic(pre: torch.Tensor, post: torch.Tensor, tau_plus: float, tau_minu
     """Pair-based STDP plus synaptic scaling toward a target rate: a post neuron firing
     below the target strengthens its inputs from active pre neurons, one above it
     weakens them, in proportion to the rate error and the pre rate."""
-    post_rate = post.mean(dim=(0, 1))  # i
-    pre_rate = pre.mean(dim=(0, 1))  # j
-    return classical(pre, post, tau_plus, tau_minus) + torch.outer(target_rate - post_rate, pre_rate)
+    post_rate = post.mean(dim=(-3, -2))  # ... i
+    pre_rate = pre.mean(dim=(-3, -2))  # ... j
+    return classical(pre, post, tau_plus, tau_minus) + (target_rate - post_rate).unsqueeze(-1) * pre_rate.unsqueeze(-2)
 
 
 def bcm(pre: torch.Tensor, post: torch.Tensor, tau_plus: float, tau_minus: float, target_rate: float,
@@ -85,12 +88,12 @@ def bcm(pre: torch.Tensor, post: torch.Tensor, tau_plus: float, tau_minus: float
     """BCM with a sliding threshold: dW = y (y - theta) x, with y and x the filtered post
     and pre rates. Post activity above theta potentiates, below it depresses; theta
     slides toward E[y^2] / target_rate, so a neuron that fires a lot raises its own bar.
-    Returns (dW, the new theta (i))."""
+    Returns (dW, the new theta (... i))."""
     a_post, a_pre = math.exp(-1.0 / tau_minus), math.exp(-1.0 / tau_plus)
-    y = (1 - a_post) * trace(post, tau_minus)  # b l i, a rate in spikes per token
-    x = (1 - a_pre) * trace(pre, tau_plus)  # b l j
-    dw = _outer(y * (y - theta), x)
-    new_theta = (1 - BCM_THETA_EMA) * theta + BCM_THETA_EMA * y.square().mean(dim=(0, 1)) / target_rate
+    y = (1 - a_post) * trace(post, tau_minus)  # ... b l i, a rate in spikes per token
+    x = (1 - a_pre) * trace(pre, tau_plus)  # ... b l j
+    dw = _outer(y * (y - theta[..., None, None, :]), x)
+    new_theta = (1 - BCM_THETA_EMA) * theta + BCM_THETA_EMA * y.square().mean(dim=(-3, -2)) / target_rate
     return dw, new_theta
 
 
@@ -107,6 +110,6 @@ def stdp_update(rule: str, pre: torch.Tensor, post: torch.Tensor, tau_plus: floa
         return homeostatic(pre, post, tau_plus, tau_minus, target_rate), theta
     if rule == "bcm":
         if theta is None:
-            theta = torch.full((post.shape[-1],), target_rate, device=post.device)
+            theta = torch.full((*post.shape[:-3], post.shape[-1]), target_rate, device=post.device)
         return bcm(pre, post, tau_plus, tau_minus, target_rate, theta)
     raise ValueError(f"unknown --stdp-type {rule!r}; valid: {', '.join(RULES)}")

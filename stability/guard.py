@@ -65,6 +65,25 @@ class Verdict:
     peer: torch.Tensor | None = None  # bool: skipped for another rank; this rank's own step was clean
 
 
+def _fused(kernels: str, device: torch.device, dist: Dist) -> bool:
+    """Whether the guard's arithmetic runs as ``stability.step_kernels``' two launches."""
+    from model.ops import triton_support
+
+    if kernels not in GUARD_KERNELS:
+        raise ValueError(f"unknown guard kernels {kernels!r}; use one of {', '.join(GUARD_KERNELS)}")
+    if kernels == "torch":
+        return False
+    if kernels == "auto":
+        return device.type == "cuda" and not dist.active and triton_support.can_run(torch.empty(0, device=device))
+    if dist.active:
+        raise ValueError("the guard's Triton kernels run in one process; under torchrun the guard's all-reduce "
+                         "sits inside its judgement, so use kernels='torch' there")
+    problem = triton_support.device_problem(torch.empty(0, device=device))
+    if problem is not None:
+        raise ValueError(f"the guard's Triton kernels cannot run: {problem}")
+    return True
+
+
 def band_edges(cfg: GuardConfig, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.tensor([cfg.band_healthy, cfg.band_high, cfg.band_critical], device=device)
 
@@ -81,9 +100,17 @@ def band_name(norm: float, cfg: GuardConfig) -> str:
     return BANDS[int(band_of(torch.tensor(norm), band_edges(cfg)))]
 
 
+GUARD_KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
+
+
 class StepGuard:
+    """The guard's state on the device and its decisions. ``kernels``: where its arithmetic
+    runs. ``torch``: torch ops on 0-dim tensors, about 150 a step (the reference, the CPU's
+    path); ``triton``: two fused kernels (``stability.step_kernels``), one launch each;
+    ``auto``: triton on CUDA where Triton imports and the run is one process, else torch."""
+
     def __init__(self, cfg: GuardConfig, device: torch.device | str, gradient_clip: float, window: int,
-                 dist: Dist = Dist()):
+                 dist: Dist = Dist(), kernels: str = "auto"):
         self.cfg, self.dist = cfg, dist
         # the one clip decision: --gradient-clip's bound (inf: none) and, under --spike-policy
         # clip, a spike's threshold below it; the trainer clips when ``clips`` says so
@@ -108,6 +135,8 @@ class StepGuard:
         self.history = torch.full((window, 6), float("nan"), device=dev)
         self._one = torch.ones((), device=dev)
         self._edges = band_edges(cfg, dev)
+        self.fused = _fused(kernels, dev, dist)
+
 
     def judge(self, loss_ok: torch.Tensor, grad_norm: torch.Tensor, loss: torch.Tensor | None = None) -> Verdict:
         """Classify a step from the AND of its micro-batch finite flags, its total
@@ -118,6 +147,8 @@ class StepGuard:
         same history, and takes the same rollback decisions; ``peer`` marks a rank whose
         own step was clean.
         """
+        if self.fused:
+            return self._judge_fused(loss_ok, grad_norm, loss)
         c = self.cfg
         norm = grad_norm.float()
         grads_ok = torch.isfinite(norm)
@@ -154,6 +185,16 @@ class StepGuard:
             self._update_loss_stats(loss.float(), good)
         return Verdict(skip=skip, reason=reason, band=band, max_norm=max_norm, overflow=loss_ok & ~grads_ok,
                        loss_ok=loss_ok, inf=loss_ok & ~grads_ok & ~nan_grads, loss=loss, peer=peer)
+
+    def _judge_fused(self, loss_ok: torch.Tensor, grad_norm: torch.Tensor, loss: torch.Tensor | None) -> Verdict:
+        from stability import step_kernels
+
+        skip, max_norm = grad_norm.new_empty((), dtype=torch.float32), grad_norm.new_empty((), dtype=torch.float32)
+        reason, band = (grad_norm.new_empty((), dtype=torch.int64) for _ in range(2))
+        overflow, inf = (grad_norm.new_empty((), dtype=torch.bool) for _ in range(2))
+        step_kernels.judge(self, loss_ok, grad_norm, loss, (skip, reason, band, max_norm, overflow, inf))
+        return Verdict(skip=skip, reason=reason, band=band, max_norm=max_norm, overflow=overflow, loss_ok=loss_ok,
+                       inf=inf, loss=loss, peer=None)
 
     def observe_param_norms(self, norms: torch.Tensor) -> None:
         """Remember which parameters had non-finite gradients since the last sync point
@@ -201,6 +242,11 @@ class StepGuard:
     def commit(self, step: int, verdict: Verdict, loss: torch.Tensor, grad_norm: torch.Tensor,
                scale: torch.Tensor, lr: torch.Tensor, counts_toward_rollback: torch.Tensor) -> None:
         """Record a judged step in the counters and the history (device ops only)."""
+        if self.fused and verdict.peer is None:
+            from stability import step_kernels
+
+            return step_kernels.commit(self, self.history[step % self.window], verdict, loss, grad_norm, scale, lr,
+                                        counts_toward_rollback)
         skipped = verdict.reason != OK
         self.skips += F.one_hot(verdict.reason, len(REASONS))  # sync-free on every device
         if verdict.peer is not None:

@@ -80,13 +80,51 @@ class PlasticityController:
     def after_step(self, blocks: Sequence[Any], skip: torch.Tensor | None, loss: torch.Tensor) -> None:
         """``blocks``: each block's aux (its spikes) from the window's last forward."""
         good = torch.ones((), device=loss.device) if skip is None else 1 - skip
-        if self.cfg.use_stdp:
-            updates = [self._stdp_update(i, aux.spikes.pre, aux.spikes.post) for i, aux in enumerate(blocks)]
-            for i, (dw, theta) in enumerate(self._mean_over_ranks(updates)):
-                self._apply_stdp(i, dw, theta, good)
+        if self.cfg.use_stdp:  # sharded weights (FSDP2) take each its own rows: block by block
+            sharded = any(is_sharded(w) for w in self.synapses)
+            (self._stdp_blockwise if sharded else self._stdp_all)(blocks, good)
         if self.cfg.use_meta_plasticity:
             rates = all_reduce_(self.dist, torch.stack([aux.spikes.post.float().mean() for aux in blocks]), "mean")
             self._meta(rates, loss, good > 0)
+
+    def _stdp_blockwise(self, blocks: Sequence[Any], good: torch.Tensor) -> None:
+        """Every block's STDP, one block at a time: the reference ``_stdp_all`` is tested
+        against, and the path for sharded weights."""
+        updates = [self._stdp_update(i, aux.spikes.pre, aux.spikes.post) for i, aux in enumerate(blocks)]
+        for i, (dw, theta) in enumerate(self._mean_over_ranks(updates)):
+            self._apply_stdp(i, dw, theta, good)
+
+    def _stdp_all(self, blocks: Sequence[Any], good: torch.Tensor) -> None:
+        """Every block's STDP as one batch: the blocks' spike trains stacked (n b l s), their
+        changes computed, reduced over ranks, guarded and applied in a few ops, not a few a
+        block (on a GPU each op is a launch). The same arithmetic as ``_apply_stdp``."""
+        c = self.cfg
+        pre = torch.stack([aux.spikes.pre.detach() for aux in blocks])  # n b l s
+        post = torch.stack([aux.spikes.post.detach() for aux in blocks])
+        bcm = c.stdp_type == "bcm"
+        dw, theta = stdp_update(c.stdp_type, pre.float(), post.float(), c.stdp_tau_plus, c.stdp_tau_minus,
+                                c.stdp_target_rate, torch.stack(self.theta) if bcm else None)  # (n s s), (n s)
+        dw = dw * (c.stdp_learning_rate * self.m_stdp)[:, None, None]
+        if self.injector is not None:  # a plasticity fault corrupts every block's change, as block by block
+            dw = torch.stack([self.injector.on_plasticity(d) for d in dw.unbind(0)])
+        if self.dist.active:
+            parts = [dw, theta] if bcm else [dw]
+            flat = all_reduce_(self.dist, torch.cat([t.reshape(-1).float() for t in parts]), "mean")
+            dw, theta = flat[:dw.numel()].view_as(dw), flat[dw.numel():].view_as(theta) if bcm else None
+        finite = torch.isfinite(dw).flatten(1).all(1)  # n
+        safe = torch.where(finite[:, None, None], dw, torch.zeros_like(dw))  # NaN never reaches a weight
+        limit = self.guard_cfg.plasticity_max_norm * torch.stack(torch._foreach_norm(
+            [w.detach() for w in self.synapses]))  # n
+        norm = torch.linalg.vector_norm(safe.flatten(1), dim=1)  # n
+        scale = (limit / (norm + 1e-12)).clamp(max=1.0)
+        delta = safe * (scale * good)[:, None, None]
+        torch._foreach_add_(self.synapses, list(delta.to(self.synapses[0].dtype).unbind(0)))
+        applied = (good > 0).long()
+        self.dropped += (~finite).long() * applied
+        self.clipped += (finite & (norm > limit)).long() * applied
+        self.applied += finite.long() * applied
+        if bcm:  # BCM's threshold slides only on good steps
+            self.theta = list(torch.where(good > 0, theta, torch.stack(self.theta)).unbind(0))
 
     def _stdp_update(self, i: int, pre: torch.Tensor, post: torch.Tensor):
         """Block ``i``'s STDP change for this rank's batch (faults are injected here)."""

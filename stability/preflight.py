@@ -132,8 +132,10 @@ _STATE = "weights, gradients, optimizer state and the rollback snapshot"
 BLOCKS, OUTSIDE, LOGITS = f"the blocks' {_STATE}", f"the embedding's and head's {_STATE}", "the logits of a micro-batch"
 
 
-def estimate_training_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, int]:
-    """What a training step holds, by part, before anything is allocated."""
+def estimate_training_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, device_type: str = "cpu"
+                            ) -> dict[str, int]:
+    """What a training step holds, by part, before anything is allocated, on a ``device_type``
+    device (the loss's chunks are larger on CUDA)."""
     from model.loss import chunk_rows
 
     vocab = estimate_vocab(train_cfg)
@@ -142,7 +144,8 @@ def estimate_training_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig) -> d
     tokens = train_cfg.batch_size * train_cfg.sequence_length
     if model_cfg.chunked_loss:
         # a chunk's fp32 logits and their softmax, and the head's gradient buffers (v d), (tokens d)
-        logits = 2 * fp32 * min(chunk_rows(vocab), tokens) * vocab + fp32 * (vocab + tokens) * model_cfg.hidden_dim
+        rows = min(chunk_rows(vocab, device_type), tokens)
+        logits = 2 * fp32 * rows * vocab + fp32 * (vocab + tokens) * model_cfg.hidden_dim
     else:
         logits = 3 * fp32 * tokens * vocab  # fp32 logits, their log-softmax and its gradient
     # weights, gradients, Adam's two moments, and the rollback snapshot of all three
@@ -175,7 +178,7 @@ def check_memory(spec: RunSpec, device: torch.device, d: Dist = Dist()) -> None:
         raise BadInput(f"--batch-size {t.batch_size} is the global batch, split over {d.world} processes; "
                        f"make it a multiple of {d.world}")
     t = replace(t, batch_size=t.batch_size // d.world)
-    parts = estimate_training_bytes(m, t)
+    parts = estimate_training_bytes(m, t, device.type)
     free, need = available_memory(device), sum(parts.values())
     if free is None or need <= free:
         return

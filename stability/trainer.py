@@ -146,20 +146,25 @@ class Trainer:
         dist: Dist = Dist(),
         wrapped: nn.Module | None = None,
         probe: BlockProbe | None = None,
+        kernels: str = "auto",
     ):
         """``model`` is the network every part reads (parameter groups, plasticity, state);
         ``wrapped`` what the step calls: its DDP wrapper (or, under FSDP2, itself).
         ``total_steps`` is the schedule's length (of the first task; ``start_task`` sets the
         next one's). ``loss_hook(model)`` is a penalty added to every micro-batch's loss, or
         None while it adds nothing (EWC before its first consolidation). ``probe``, armed by
-        the run before a sync point, reads the step's per-block gradient norms."""
+        the run before a sync point, reads the step's per-block gradient norms. ``kernels``:
+        where the step's scalar bookkeeping (the learning rates, the guard) runs, as
+        ``StepGuard`` says: ``auto`` is one fused launch each on CUDA, torch ops elsewhere."""
         self.model, self.cfg, self.guard_cfg = model, cfg, guard_cfg
         self.dist, self.wrapped = dist, wrapped if wrapped is not None else model
         self.device, self.total_steps, self.amp_dtype = device, total_steps, amp_dtype
         self.injector, self.loss_hook, self.probe = injector, loss_hook, probe
         groups = param_groups(model, cfg.weight_decay)
-        for g in groups:
-            g["lr"] = torch.zeros((), device=device)  # a tensor: set on the device each step
+        # every group's rate a view of one buffer: set on the device each step, all at once
+        self._lrs = torch.zeros(len(groups), device=device)
+        for g, lr in zip(groups, self._lrs.unbind(0)):
+            g["lr"] = lr
         self.optimizer = torch.optim.AdamW(groups, lr=torch.zeros((), device=device), fused=True)
         self.params = [p for g in groups for p in g["params"]]
         self._grad_index: dict[tuple[int, ...], torch.Tensor] = {}  # params with a gradient -> their index
@@ -169,7 +174,7 @@ class Trainer:
         self.group_lr_scale = torch.ones(len(groups), device=device)
         self.lr_factor = torch.ones((), device=device)
         self.policy = LossScalePolicy(guard_cfg, device, enabled=amp_dtype == torch.float16)
-        self.guard = StepGuard(guard_cfg, device, cfg.gradient_clip, window=cfg.log_every, dist=dist)
+        self.guard = StepGuard(guard_cfg, device, cfg.gradient_clip, window=cfg.log_every, dist=dist, kernels=kernels)
         self.lr_offset = torch.zeros((), dtype=torch.int64, device=device)  # good steps before this task
         self.step = 0  # optimizer steps taken or skipped; restored by rollback and resume
         self.attempt = 0  # optimizer-step attempts; never goes back (fault plans key on it)
@@ -225,6 +230,19 @@ class Trainer:
         owns it, and a rollback or resume that loads an older trainer state must not undo it."""
         self.lr_factor = torch.full((), factor, device=self.device)
 
+    def _set_learning_rates(self) -> torch.Tensor:
+        """Every group's rate for this step, on the device; returns the base rate."""
+        if self.guard.fused:
+            from stability import step_kernels
+
+            c = self.cfg
+            return step_kernels.learning_rates(self.guard.good_steps, self.lr_offset, self.lr_factor,
+                                               self.group_lr_scale, self._lrs, c.learning_rate, c.warmup_steps,
+                                               self.total_steps, c.min_lr_ratio)
+        lr = self.current_lr()
+        torch.mul(self.group_lr_scale, lr, out=self._lrs)
+        return lr
+
     def current_lr(self) -> torch.Tensor:
         c = self.cfg
         base = get_lr(self.guard.good_steps - self.lr_offset, c.learning_rate, c.warmup_steps, self.total_steps,
@@ -237,9 +255,7 @@ class Trainer:
         if self.injector:
             self.injector.begin_step(self.attempt)
         # 1. learning rate, on the device
-        lr = self.current_lr()
-        for group, scale in zip(self.optimizer.param_groups, self.group_lr_scale.unbind(0)):
-            group["lr"].copy_(lr * scale)
+        lr = self._set_learning_rates()
         # 2. forward and backward over the micro-batches
         self.model.train()
         loss_ok = torch.ones((), dtype=torch.bool, device=self.device)

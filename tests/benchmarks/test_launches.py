@@ -112,3 +112,12 @@ def test_a_launch_inside_a_custom_op_counts_once_and_the_counter_leaves_triton_a
     assert dict(counts[0].triton) == {"_forward": 1, "_backward": 1}
     assert counts[0].aten == counts[1].aten
     assert counts[0].aten["clone"] >= 3  # the folded weights made contiguous: a composite, decomposed
+
+
+def test_a_matmul_of_a_batch_of_sequences_counts_its_product_not_its_reshapes():
+    """matmul of (b l d) by (d e) reshapes to (bl d) and back (``_unsafe_view``, a view that
+    launches nothing): one launch, the product."""
+    x, w = torch.randn(2, 5, 8), torch.randn(8, 3)
+    with LaunchCounter() as c:
+        torch.matmul(x, w)
+    assert c.total == 1, c.aten

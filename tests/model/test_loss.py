@@ -219,7 +219,7 @@ def test_a_training_step_with_chunked_loss_never_makes_the_logits(monkeypatch, c
     from stability.trainer import Trainer
     from tests.tiny import batches, tiny_hybrid
 
-    monkeypatch.setattr(model.loss, "_CHUNK_LOGITS", 16 * 96)
+    monkeypatch.setitem(model.loss._CHUNK_LOGITS, "cpu", 16 * 96)
     monkeypatch.setattr(model.loss, "_MIN_ROWS", 1)
     data = batches(2, vocab=96, b=2, l=40)
 
@@ -258,7 +258,7 @@ def test_evaluation_never_makes_the_logits_and_agrees_with_the_plain_path(monkey
     from stability.trainer import Trainer
     from tests.tiny import batches, tiny_hybrid
 
-    monkeypatch.setattr(model.loss, "_CHUNK_LOGITS", 16 * 96)
+    monkeypatch.setitem(model.loss._CHUNK_LOGITS, "cpu", 16 * 96)
     monkeypatch.setattr(model.loss, "_MIN_ROWS", 1)
     data = batches(3, vocab=96, b=2, l=40)
     data.append((data[0][0], torch.full_like(data[0][1], IGNORE_INDEX)))  # padding only
@@ -274,3 +274,10 @@ def test_evaluation_never_makes_the_logits_and_agrees_with_the_plain_path(monkey
     assert trainer_c["val_loss"] == pytest.approx(trainer_p["val_loss"], rel=1e-6)
     assert lsnn_eval_c["loss"] == pytest.approx(trainer_c["val_loss"], rel=1e-6)
     assert lsnn_eval_c["tokens"] == 3 * 2 * 40
+
+
+def test_a_cuda_chunk_holds_eight_times_the_logits_of_a_cpu_chunk():
+    """On CUDA each op of a chunk is a launch: phase 4's 16.7M logits are two chunks there."""
+    assert chunk_rows(8192, "cuda") == 8 * chunk_rows(8192, "cpu") == 2048
+    assert chunk_rows(200_019, "cuda") == 128  # the least: 2^24 logits are 83 rows of 200k
+    assert chunk_rows(8192, "mps") == chunk_rows(8192)  # any other device: the CPU's size

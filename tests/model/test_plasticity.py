@@ -99,3 +99,19 @@ def test_every_rule_is_zero_without_spikes_except_homeostasis_and_finite(rule):
 def test_unknown_rule_lists_the_valid_ones():
     with pytest.raises(ValueError, match="classical, triplet, homeostatic, bcm"):
         stdp_update("hebb", train(1), train(2), 4.0, 4.0, 0.1)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_stacked_blocks_get_each_blocks_own_change(rule):
+    """Spike trains with a leading (block) dimension: each block's change (and BCM threshold)
+    is the one its trains alone give, so a model's blocks are updated in one call."""
+    g = torch.Generator().manual_seed(5)
+    pre, post = ((torch.rand(3, 2, 40, 6, generator=g) < 0.3).float() for _ in range(2))  # n b l s
+    theta = torch.rand(3, 6, generator=g) * 0.2 if rule == "bcm" else None
+    dw, new = stdp_update(rule, pre, post, 3.0, 3.0, 0.1, theta)
+    assert dw.shape == (3, 6, 6)
+    for n in range(3):
+        one, one_new = stdp_update(rule, pre[n], post[n], 3.0, 3.0, 0.1, None if theta is None else theta[n])
+        torch.testing.assert_close(dw[n], one, msg=f"block {n}")
+        if theta is not None:
+            torch.testing.assert_close(new[n], one_new)

@@ -182,3 +182,29 @@ def test_meta_plasticity_off_leaves_every_group_at_the_scheduled_rate():
         t.train_step([b])
     assert torch.equal(t.group_lr_scale, torch.ones_like(t.group_lr_scale))
     assert torch.equal(t.plasticity.m_lr, torch.ones(2))
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("fault", [None, "plasticity:nan@2"])
+def test_all_blocks_at_once_apply_what_block_by_block_applies(rule, fault, monkeypatch):
+    """The batched STDP (every block in a few ops) against the block-by-block reference (the
+    path of sharded weights): the same synapses, counters and BCM thresholds, a dropped NaN
+    change and a clipped oversized one included."""
+    from stability.plasticity import PlasticityController
+
+    twins = [make(fault=fault, use_stdp=True, stdp_type=rule, stdp_learning_rate=50.0,
+                  guard={"plasticity_max_norm": 0.05}) for _ in range(2)]
+    monkeypatch.setattr(twins[1].plasticity, "_stdp_all", twins[1].plasticity._stdp_blockwise)
+    for x, y in batches(4, vocab=32):
+        for t in twins:
+            t.train_step([(x, y)])
+    a, b = (t.plasticity for t in twins)
+    assert isinstance(b, PlasticityController) and int(a.clipped.sum()) > 0
+    for w_a, w_b in zip(synapses(twins[0]), synapses(twins[1])):
+        torch.testing.assert_close(w_a, w_b, rtol=1e-5, atol=1e-7)
+    for name in ("dropped", "clipped", "applied"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    if fault:
+        assert int(a.dropped.sum()) == len(a.synapses), "the NaN reached every block's change, and was dropped"
+    if rule == "bcm":
+        torch.testing.assert_close(torch.stack(a.theta), torch.stack(b.theta))

@@ -55,8 +55,15 @@ def _carry_matrix(n: int, k: int, decay: float, reverse: bool, device, dtype) ->
 def _into_chunk(k: int, decay: float, reverse: bool, device, dtype) -> torch.Tensor:
     """decay**(steps from the chunk's edge) for each position of a chunk (k): what a carry
     entering at the edge has decayed to there (t + 1 forward, k - t reverse)."""
-    steps = torch.arange(1, k + 1, device=device, dtype=torch.float64)
-    return (decay ** (steps.flip(0) if reverse else steps)).to(dtype)
+    key = ("into", k, decay, reverse, device, dtype)
+    m = _MATRICES.get(key)
+    if m is None:
+        steps = torch.arange(1, k + 1, device=device, dtype=torch.float64)
+        m = (decay ** (steps.flip(0) if reverse else steps)).to(dtype)
+        if len(_MATRICES) > 64:
+            _MATRICES.clear()
+        _MATRICES[key] = m
+    return m
 
 
 def discounted_cumsum(
