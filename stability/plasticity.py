@@ -42,10 +42,18 @@ _META_WARMUP = 10  # steps of loss statistics before "plateau" means anything
 
 
 class PlasticityController:
+    """STDP and meta-plasticity for ``model``'s blocks. ``fused``: meta-plasticity's arithmetic
+    (the loss's running means, the multipliers, each group's rate multiplier) runs as one
+    Triton launch (``stability.step_kernels``) instead of about 60 torch ops on tiny tensors;
+    the trainer turns it on where its guard is fused."""
+
+    EMA_FAST, EMA_SLOW, META_WARMUP = _EMA_FAST, _EMA_SLOW, _META_WARMUP
+
     def __init__(self, model: nn.Module, cfg: PlasticityConfig, guard_cfg: GuardConfig, params: list[nn.Parameter],
                  group_names: list[str], device: torch.device, injector: FaultInjector | None = None,
-                 dist: Dist = Dist()):
+                 dist: Dist = Dist(), fused: bool = False):
         self.cfg, self.guard_cfg, self.injector, self.dist = cfg, guard_cfg, injector, dist
+        self.fused = fused and not dist.active
         self.synapses = [block.spiking.synapse.weight for block in model.blocks]
         n = len(self.synapses)
         z = lambda dtype=torch.float32: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
@@ -84,8 +92,15 @@ class PlasticityController:
             sharded = any(is_sharded(w) for w in self.synapses)
             (self._stdp_blockwise if sharded else self._stdp_all)(blocks, good)
         if self.cfg.use_meta_plasticity:
-            rates = all_reduce_(self.dist, torch.stack([aux.spikes.post.float().mean() for aux in blocks]), "mean")
-            self._meta(rates, loss, good > 0)
+            rates = all_reduce_(self.dist, torch.stack([aux.spikes.post for aux in blocks]).float().mean((1, 2, 3)),
+                                "mean")  # n
+            if self.fused:
+                from stability import step_kernels
+
+                self._group_scale = torch.empty(self._group_block.shape, device=rates.device)
+                step_kernels.meta_plasticity(self, rates, loss, good, self._group_scale)
+            else:
+                self._meta(rates, loss, good > 0)
 
     def _stdp_blockwise(self, blocks: Sequence[Any], good: torch.Tensor) -> None:
         """Every block's STDP, one block at a time: the reference ``_stdp_all`` is tested
@@ -200,6 +215,8 @@ class PlasticityController:
 
     def group_lr_scale(self) -> torch.Tensor:
         """The learning-rate multiplier of each optimizer group (shared groups: 1)."""
+        if self.fused:  # the kernel made it with the multipliers
+            return self._group_scale
         return torch.cat([self.m_lr, torch.ones(1, device=self.m_lr.device)])[self._group_block]
 
     # -- state -----------------------------------------------------------------------------

@@ -155,3 +155,65 @@ def learning_rates(good_steps, lr_offset, lr_factor, group_scale, lrs, peak: flo
                           max(total - warmup, 1), floor, (peak - floor) * 0.5, math.pi,
                           BLOCK_G=max(2, 1 << (groups - 1).bit_length()))
     return lr
+
+
+@triton.jit
+def _meta_plasticity(loss_ptr, good_ptr, norms_ptr, rates_ptr, fast_ptr, slow_ptr, seen_ptr, m_lr_ptr, m_stdp_ptr,
+                     group_block_ptr, group_scale_ptr, blocks, groups, ema_fast, rest_fast, ema_slow, rest_slow,
+                     plateau, warmup, band_high, target, tolerance, meta_lr, log_min, log_max,
+                     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """``PlasticityController._meta`` and ``group_lr_scale``: the loss's two running means,
+    each block's two multipliers moved in log space, and each group's learning-rate
+    multiplier (its block's, 1 for a shared group)."""
+    loss = tl.load(loss_ptr).to(tl.float32)
+    loss_ok = _finite(loss) & (tl.load(good_ptr) != 0)
+    seen = tl.load(seen_ptr)
+    first = seen == 0
+    value = tl.where(_finite(loss), loss, 0.0)
+    fast = tl.load(fast_ptr)
+    slow = tl.load(slow_ptr)
+    fast = tl.where(loss_ok, tl.where(first, value, ema_fast * fast + rest_fast * value), fast)
+    slow = tl.where(loss_ok, tl.where(first, value, ema_slow * slow + rest_slow * value), slow)
+    seen = seen + loss_ok.to(tl.int64)
+    tl.store(fast_ptr, fast)
+    tl.store(slow_ptr, slow)
+    tl.store(seen_ptr, seen)
+    improving = ((slow - fast) > plateau * tl.abs(slow)) | (seen < warmup)
+    n = tl.arange(0, BLOCK_N)
+    on = n < blocks
+    norms = tl.load(norms_ptr + n, mask=on, other=0.0)
+    rates = tl.load(rates_ptr + n, mask=on, other=0.0)
+    grad_bad = ~_finite(norms) | (norms > band_high)
+    rate_bad = ~_finite(rates) | (tl.abs(rates - target) > tolerance)
+    m_lr = _move(tl.load(m_lr_ptr + n, mask=on, other=1.0), grad_bad, improving, meta_lr, log_min, log_max)
+    tl.store(m_lr_ptr + n, m_lr, mask=on)
+    m_stdp = _move(tl.load(m_stdp_ptr + n, mask=on, other=1.0), grad_bad | rate_bad, improving, meta_lr, log_min,
+                   log_max)
+    tl.store(m_stdp_ptr + n, m_stdp, mask=on)
+    # each group's block's multiplier, 1 for a shared group: a one-hot sum, not a gather
+    g = tl.arange(0, BLOCK_G)
+    block = tl.load(group_block_ptr + g, mask=g < groups, other=blocks)
+    mine = (block[:, None] == n[None, :]) & on[None, :]  # (BG BN)
+    scale = tl.sum(tl.where(mine, m_lr[None, :], 0.0), axis=1) + (block >= blocks).to(tl.float32)
+    tl.store(group_scale_ptr + g, scale, mask=g < groups)
+
+
+@triton.jit
+def _move(m, bad, improving, meta_lr, log_min, log_max):
+    log_m = tl.log(m)
+    moved = tl.where(bad, log_m - meta_lr, tl.where(improving, log_m * (1 - meta_lr), log_m + meta_lr))
+    return tl.exp(tl.minimum(tl.maximum(moved, log_min), log_max))
+
+
+def meta_plasticity(controller, rates, loss, good, group_scale) -> None:
+    """One launch of ``_meta_plasticity`` over ``controller``'s state (a
+    ``PlasticityController``), filling ``group_scale`` (g,)."""
+    c, n = controller.cfg, controller._n
+    groups = group_scale.shape[0]
+    _meta_plasticity[(1,)](loss, good, controller.block_norms, rates, controller.loss_fast, controller.loss_slow,
+                           controller.loss_seen, controller.m_lr, controller.m_stdp, controller._group_block,
+                           group_scale, n, groups, controller.EMA_FAST, 1 - controller.EMA_FAST,
+                           controller.EMA_SLOW, 1 - controller.EMA_SLOW, c.meta_plateau,
+                           controller.META_WARMUP, controller.guard_cfg.band_high, c.stdp_target_rate,
+                           c.meta_rate_tolerance, c.meta_lr, math.log(c.meta_min), math.log(c.meta_max),
+                           BLOCK_N=max(2, 1 << (n - 1).bit_length()), BLOCK_G=max(2, 1 << (groups - 1).bit_length()))

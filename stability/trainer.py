@@ -181,7 +181,8 @@ class Trainer:
         self.plasticity = None
         if plasticity_cfg is not None and (plasticity_cfg.use_stdp or plasticity_cfg.use_meta_plasticity):
             self.plasticity = PlasticityController(model, plasticity_cfg, guard_cfg, self.params,
-                                                   [g["name"] for g in groups], device, injector, dist)
+                                                   [g["name"] for g in groups], device, injector, dist,
+                                                   fused=self.guard.fused)
 
     def _init_adam_state(self) -> None:
         """Adam's state as its first step would create it (zeros, step 0), created now: a

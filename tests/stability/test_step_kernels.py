@@ -140,3 +140,38 @@ def test_a_trainer_on_the_fused_kernels_trains_as_the_one_on_torch_ops():
     assert twins[1].guard.read()["skips"]["nonfinite_grad"] == 1
     for (name, a), b in zip(twins[0].model.named_parameters(), twins[1].model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("loss_fault,healthy", [(None, False), ("loss:nan@3", False), (None, True)])
+def test_fused_meta_plasticity_moves_the_multipliers_as_the_torch_ops(loss_fault, healthy):
+    """Twins with STDP and meta-plasticity, one on the kernels: the loss's running means, both
+    multipliers of every block and every group's rate multiplier agree step by step (a
+    skipped step with a NaN loss included), and so do the weights."""
+    from stability.config import PlasticityConfig
+    from stability.faults import FaultInjector, parse_faults
+    from stability.trainer import Trainer
+    from tests.tiny import batches, tiny_hybrid
+
+    twins = []
+    for kernels in ("torch", "triton"):
+        model = tiny_hybrid(vocab_size=32, num_layers=3)
+        injector = FaultInjector(parse_faults(loss_fault), model) if loss_fault else None
+        # unhealthy: every block slows down; healthy: a plateau speeds them up, past the warm-up
+        bands = dict(band_healthy=0.01, band_high=0.05) if not healthy else dict(band_high=1e4, band_critical=1e4)
+        meta = dict(meta_lr=0.3, meta_rate_tolerance=0.01 if not healthy else 1.0, meta_plateau=0.01 if not healthy
+                    else 0.5)
+        twins.append(Trainer(model, TrainConfig(learning_rate=1e-2, warmup_steps=1, log_every=4),
+                             GuardConfig(**bands), torch.device("cpu"), total_steps=20, injector=injector,
+                             plasticity_cfg=PlasticityConfig(use_stdp=True, use_meta_plasticity=True, **meta),
+                             kernels=kernels))
+    assert twins[1].plasticity.fused and not twins[0].plasticity.fused
+    for x, y in batches(14 if healthy else 6, vocab=32):  # healthy: past the warm-up of 10
+        for t in twins:
+            t.train_step([(x, y)])
+        a, b = (t.plasticity for t in twins)
+        for name in ("m_lr", "m_stdp", "loss_fast", "loss_slow", "loss_seen"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(twins[0].group_lr_scale, twins[1].group_lr_scale, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(a.m_lr, torch.ones_like(a.m_lr)), "the multipliers moved"
+    for (name, p), q in zip(twins[0].model.named_parameters(), twins[1].model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
