@@ -74,6 +74,8 @@ class TrainConfig(_Config):
     """Mixed-precision dtype: auto is bf16 where supported, else fp16 with loss scaling."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks cuda when available."""
+    cuda_graphs: bool = False
+    """Capture the whole guarded step as a CUDA graph once per batch shape and replay it (CUDA, one process, bf16/fp32)."""
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
     """Under torchrun: replicate the model (ddp; auto) or shard it with FSDP2 (fsdp)."""
     seed: int = 0

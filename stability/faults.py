@@ -177,6 +177,11 @@ class FaultInjector:
                         f"directly), so nothing would be injected; target {parent} or another of its layers")
                 self._hooks.append(modules[f.target].register_forward_hook(self._activation_hook(f)))
 
+    def acts_at(self, attempt: int) -> bool:
+        """Whether any fault of the plan acts at optimizer-step attempt ``attempt``: that step
+        must run eagerly under --cuda-graphs, where a replayed graph runs no Python."""
+        return any(f.active(attempt) for f in self.faults)
+
     def corrupts_output(self) -> bool:
         """Whether an untargeted activation fault corrupts the model's output, its logits, in
         the coming forward pass (this attempt and micro-batch): the trainer then asks the

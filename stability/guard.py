@@ -240,13 +240,17 @@ class StepGuard:
         self.loss_count = torch.zeros_like(self.loss_count)
 
     def commit(self, step: int, verdict: Verdict, loss: torch.Tensor, grad_norm: torch.Tensor,
-               scale: torch.Tensor, lr: torch.Tensor, counts_toward_rollback: torch.Tensor) -> None:
-        """Record a judged step in the counters and the history (device ops only)."""
+               scale: torch.Tensor, lr: torch.Tensor, counts_toward_rollback: torch.Tensor,
+               step_t: torch.Tensor | None = None) -> None:
+        """Record a judged step in the counters and the history (device ops only). The fused
+        kernels take the history's row from ``step_t`` (the step as a device counter) where
+        it is given, so a replayed CUDA graph writes each step's own row."""
         if self.fused and verdict.peer is None:
             from stability import step_kernels
 
-            return step_kernels.commit(self, self.history[step % self.window], verdict, loss, grad_norm, scale, lr,
-                                        counts_toward_rollback)
+            if step_t is None:
+                step_t = torch.full((), step, dtype=torch.int64, device=self.history.device)
+            return step_kernels.commit(self, step_t, verdict, loss, grad_norm, scale, lr, counts_toward_rollback)
         skipped = verdict.reason != OK
         self.skips += F.one_hot(verdict.reason, len(REASONS))  # sync-free on every device
         if verdict.peer is not None:

@@ -57,11 +57,13 @@ def check_run(spec: RunSpec, d: Dist) -> Checked:
     that order (cheapest first), before the data is read or anything is built or written."""
     t = spec.train
     device = device_of(d, resolve_device(t.device))
+    amp_dtype = resolve_amp_dtype(t, device)
+    check_cuda_graphs(spec, device, amp_dtype, d)
     faults = check_faults(spec.guard.inject_fault, d)
     out = Path(broadcast(d, default_output_dir(t) if d.main else None))
     checkpoints = CheckpointDir(out / "checkpoints", t.keep_checkpoints, d)
     main_first(d, lambda: check_memory(spec, device, d), (BadInput,), others=False)  # one verdict
-    return Checked(device, resolve_amp_dtype(t, device), faults, checkpoints, check_run_dir(spec, checkpoints, d))
+    return Checked(device, amp_dtype, faults, checkpoints, check_run_dir(spec, checkpoints, d))
 
 
 # --- the device ---------------------------------------------------------------------------
@@ -86,6 +88,26 @@ def resolve_amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | N
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
+
+
+def check_cuda_graphs(spec: RunSpec, device: torch.device, amp_dtype: torch.dtype | None, d: Dist) -> None:
+    """--cuda-graphs where a graph can hold the step: a CUDA device, one process, the guard
+    on, and no fp16 loss scaler (``stability.cuda_graphs``); each refusal says why."""
+    if not spec.train.cuda_graphs:
+        return
+    why = None
+    if device.type != "cuda":
+        why = (f"it captures the training step as a CUDA graph, and this run is on {device} "
+               "(no CUDA device here); drop --cuda-graphs, or run with --device cuda on a GPU machine")
+    elif d.active:
+        why = f"it runs in one process, and torchrun started {d.world}; drop --cuda-graphs under torchrun"
+    elif not spec.guard.guard:
+        why = "it replays the guarded step, and --no-guard asks for the unguarded one; drop one of the two"
+    elif amp_dtype == torch.float16:
+        why = ("fp16's loss scaler keeps part of its state on the host between steps; use --amp-dtype bf16, "
+               "or train without --mixed-precision")
+    if why is not None:
+        raise BadInput(f"--cuda-graphs: {why}")
 
 
 def check_faults(plan: str | None, d: Dist) -> list[Fault]:

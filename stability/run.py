@@ -43,6 +43,7 @@ from stability.artifacts import write_run_config
 from stability.checkpointer import Checkpointer, load_for_resume
 from stability.config import RunSpec
 from stability.continual import EWC, ReplayBuffer
+from stability.cuda_graphs import GraphedSteps
 from stability.data import DataError
 from stability.diagnostics import BlockProbe
 from stability.distributed import Dist, agreed_signal, barrier, main_first, wrap
@@ -129,6 +130,7 @@ class Run:
         self.trainer = Trainer(self.model, t, spec.guard, self.device, horizon(spec, tasks, 0), self.amp_dtype,
                                injector, spec.plasticity, dist=d, wrapped=wrapped, probe=self.probe,
                                loss_hook=ewc.penalty if ewc is not None and ewc.strength > 0 else None)
+        self.stepper = GraphedSteps(self.trainer) if t.cuda_graphs else self.trainer
         replay = ReplayBuffer(c.replay_buffer_size, c.replay_strategy, t.seed + d.rank) if c.use_replay else None
         self.stream = DataStream(tasks, t.epochs, t.gradient_accumulation_steps, replay, c.replay_fraction,
                                  d.rank, d.world)
@@ -255,7 +257,7 @@ class Run:
         return self.stop_signal is not None
 
     def _train(self, window: Window) -> None:
-        out = self.trainer.train_step([on_device(b, self.device) for b in self.stream.batches(window)])
+        out = self.stepper.train_step([on_device(b, self.device) for b in self.stream.batches(window)])
         self.ledger.record(self.trainer.step, window.positions)
         self.monitor.add_tokens(out.tokens)
         last = self.ledger.last

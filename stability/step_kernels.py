@@ -93,7 +93,7 @@ def _judge(loss_ok_ptr, norm_ptr, loss_ptr,
 
 @triton.jit
 def _commit(reason_ptr, band_ptr, counts_ptr, loss_ptr, norm_ptr, scale_ptr, lr_ptr,
-            skips_ptr, bands_ptr, good_ptr, consecutive_ptr, row_ptr):
+            skips_ptr, bands_ptr, good_ptr, consecutive_ptr, step_ptr, history_ptr, window):
     reason = tl.load(reason_ptr)
     band = tl.load(band_ptr)
     tl.store(skips_ptr + reason, tl.load(skips_ptr + reason) + 1)
@@ -103,6 +103,7 @@ def _commit(reason_ptr, band_ptr, counts_ptr, loss_ptr, norm_ptr, scale_ptr, lr_
     consecutive = tl.load(consecutive_ptr)
     consecutive = tl.where(skipped & (tl.load(counts_ptr) != 0), consecutive + 1, tl.where(skipped, consecutive, 0))
     tl.store(consecutive_ptr, consecutive)
+    row_ptr = history_ptr + (tl.load(step_ptr) % window) * 6
     tl.store(row_ptr, tl.load(loss_ptr).to(tl.float32))
     tl.store(row_ptr + 1, tl.load(norm_ptr).to(tl.float32))
     tl.store(row_ptr + 2, reason.to(tl.float32))
@@ -124,10 +125,11 @@ def judge(guard, loss_ok, norm, loss, outputs) -> None:
                  HAS_LOSS=loss is not None)
 
 
-def commit(guard, row, verdict, loss, grad_norm, scale, lr, counts) -> None:
-    """One launch of ``_commit``: the counters of ``guard`` and the history ``row`` (6,)."""
+def commit(guard, step_t, verdict, loss, grad_norm, scale, lr, counts) -> None:
+    """One launch of ``_commit``: the counters of ``guard`` and its history's row for the
+    step ``step_t`` (a 0-dim int64 device tensor)."""
     _commit[(1,)](verdict.reason, verdict.band, counts, loss, grad_norm, scale, lr, guard.skips, guard.bands,
-                  guard.good_steps, guard.consecutive_skips, row)
+                  guard.good_steps, guard.consecutive_skips, step_t, guard.history, guard.window)
 
 
 @triton.jit

@@ -165,7 +165,9 @@ class Trainer:
         self._lrs = torch.zeros(len(groups), device=device)
         for g, lr in zip(groups, self._lrs.unbind(0)):
             g["lr"] = lr
-        self.optimizer = torch.optim.AdamW(groups, lr=torch.zeros((), device=device), fused=True)
+        # capturable: the step a CUDA graph records reads its step counts on the device (--cuda-graphs)
+        self.optimizer = torch.optim.AdamW(groups, lr=torch.zeros((), device=device), fused=True,
+                                           capturable=cfg.cuda_graphs)
         self.params = [p for g in groups for p in g["params"]]
         self._grad_index: dict[tuple[int, ...], torch.Tensor] = {}  # params with a gradient -> their index
         if dist.mode == "fsdp":
@@ -177,7 +179,9 @@ class Trainer:
         self.guard = StepGuard(guard_cfg, device, cfg.gradient_clip, window=cfg.log_every, dist=dist, kernels=kernels)
         self.lr_offset = torch.zeros((), dtype=torch.int64, device=device)  # good steps before this task
         self.step = 0  # optimizer steps taken or skipped; restored by rollback and resume
+        self.step_t = torch.zeros((), dtype=torch.int64, device=device)  # the same, where a step's kernels read it
         self.attempt = 0  # optimizer-step attempts; never goes back (fault plans key on it)
+        self.generation = 0  # bumped when state is replaced, not updated in place (cuda_graphs re-captures)
         self.plasticity = None
         if plasticity_cfg is not None and (plasticity_cfg.use_stdp or plasticity_cfg.use_meta_plasticity):
             self.plasticity = PlasticityController(model, plasticity_cfg, guard_cfg, self.params,
@@ -225,11 +229,13 @@ class Trainer:
         self.lr_offset = self.guard.good_steps.clone()
         self.total_steps = total_steps
         self.guard.reset_loss_stats()
+        self.generation += 1
 
     def set_lr_factor(self, factor: float) -> None:
         """The learning rate's multiplier from rollbacks (``Recovery.lr_factor``): recovery
         owns it, and a rollback or resume that loads an older trainer state must not undo it."""
         self.lr_factor = torch.full((), factor, device=self.device)
+        self.generation += 1
 
     def _set_learning_rates(self) -> torch.Tensor:
         """Every group's rate for this step, on the device; returns the base rate."""
@@ -255,6 +261,24 @@ class Trainer:
         self.attempt += 1
         if self.injector:
             self.injector.begin_step(self.attempt)
+        out = self.step_body(batches)
+        self.step += 1
+        return out
+
+    def before_replay(self) -> None:
+        """What ``train_step`` does on the host before a replayed step (``stability.cuda_graphs``)."""
+        self.attempt += 1
+        if self.injector:  # nothing of the plan acts now (the step would run eagerly), but its hooks must know
+            self.injector.begin_step(self.attempt)
+
+    def after_replay(self) -> None:
+        """... and after it."""
+        self.step += 1
+
+    def step_body(self, batches: list[Batch]) -> StepOutput:
+        """The step's work on the device, which a CUDA graph can record: no host sync, and
+        every piece of state the next step reads updated in place (or, for what a step
+        makes and uses itself, made anew)."""
         # 1. learning rate, on the device
         lr = self._set_learning_rates()
         # 2. forward and backward over the micro-batches
@@ -313,9 +337,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # fp16 overflows belong to the scale policy, every other skip to rollback
         counts = verdict.reason != OVERFLOW if self.policy.enabled else torch.ones_like(loss_ok)
-        self.guard.commit(self.step, verdict, mean_loss, grad_norm, scale_used, lr, counts)
+        self.guard.commit(self.step, verdict, mean_loss, grad_norm, scale_used, lr, counts, step_t=self.step_t)
         self._after_step(blocks, verdict.skip, mean_loss)
-        self.step += 1
+        self.step_t += 1
         return StepOutput(mean_loss, grad_norm, verdict, tokens)
 
     def _grad_norms(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,7 +369,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.guard.record_unguarded(self.step, loss, grad_norm, scale_used, lr)
         self._after_step(blocks, None, loss)
-        self.step += 1
+        self.step_t += 1
         return StepOutput(loss, grad_norm, None, tokens)
 
     def _after_step(self, blocks, skip: torch.Tensor | None, loss: torch.Tensor) -> None:
@@ -354,8 +378,8 @@ class Trainer:
         if self.plasticity is None:
             return
         self.plasticity.after_step(blocks, skip, loss)
-        if self.plasticity.cfg.use_meta_plasticity:
-            self.group_lr_scale = self.plasticity.group_lr_scale()
+        if self.plasticity.cfg.use_meta_plasticity:  # in place: the next step's rates read this tensor
+            self.group_lr_scale.copy_(self.plasticity.group_lr_scale())
 
     @torch.no_grad()
     def evaluate(self, batches) -> dict[str, float]:
@@ -428,5 +452,7 @@ class Trainer:
         if self.plasticity is not None:
             self.plasticity.load_state_dict(state["plasticity"])
         self.step = int(state["step"])
+        self.step_t.fill_(self.step)
         self.attempt = max(self.attempt, int(state["attempt"]))
         self.total_steps = int(state["total_steps"])
+        self.generation += 1
