@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stability import data
+from stability import data, sources
 from stability.data import (
     IGNORE_INDEX,
     Corpus,
@@ -133,7 +133,7 @@ def test_stdlib_walk_skips_excluded_dirs_and_undecodable_files(tmp_path, monkeyp
         write(tmp_path / rel, "excluded = True\n")
     write(tmp_path / "latin1.py", "caf\xe9 = 1\n".encode("latin-1"))
     write(tmp_path / "nul.py", b"x = 1\x00\n")
-    monkeypatch.setattr(data, "stdlib_root", lambda: tmp_path)
+    monkeypatch.setattr(sources, "stdlib_root", lambda: tmp_path)
     corpus = stdlib_corpus(val_fraction=0.5)
     assert sorted(all_paths(corpus)) == [
         "email/mime/text.py",
@@ -277,8 +277,8 @@ def test_partition_names_tasks_by_domain_and_truncates():
     ]
     corpus = Corpus("c", docs[1:4] + docs[5:], [docs[0], docs[4]])
     assert [t.name for t in corpus.partition(2)] == ["task 1: asyncio", "task 2: email"]
-    assert data._task_label(0, [f"domain{i}" for i in range(30)]).endswith(", ...")
-    assert len(data._task_label(0, [f"domain{i}" for i in range(30)])) <= data._TASK_LABEL_CHARS
+    assert data.task_label(0, [f"domain{i}" for i in range(30)]).endswith(", ...")
+    assert len(data.task_label(0, [f"domain{i}" for i in range(30)])) <= data._TASK_LABEL_CHARS
 
 
 def test_partition_of_a_data_directory_groups_by_top_level_directory(tmp_path):
