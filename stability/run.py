@@ -67,6 +67,7 @@ from stability.monitor import Monitor, Totals
 from stability.recovery import Recovery, diagnose
 from stability.reporting import Reporter
 from stability.scaler import LossScaleError
+from stability.shards import corpus_mismatch
 from stability.stream import DataStream, Position, TaskData, Window, prepare_data
 from stability.tokenizers import save_tokenizer
 from stability.trainer import (
@@ -121,7 +122,7 @@ def check_resume(ckpt: dict[str, Any], spec: RunSpec, fingerprint: str, world: i
         if was != now:
             problems.append(f"--{name.replace('_', '-')}: checkpoint has {was!r}, this command {now!r}")
     if not problems and ckpt["corpus"] != fingerprint:
-        problems.append("the training text changed since the checkpoint (corpus fingerprint differs)")
+        problems.append(corpus_mismatch(ckpt["corpus"]))
     if problems:
         raise BadInput("--resume: this command does not continue the run in --output-dir:\n  - "
                        + "\n  - ".join(problems) + "\nresume with the flags the run started with")
@@ -220,7 +221,7 @@ class Run:
         self._check_output_dir()
         # rank 0 trains the tokenizer and fills the token caches; the others then read them
         self.tokenizer, corpus, tasks = main_first(d, lambda: prepare_data(spec, self._say), (DataError, BadInput))
-        self.fingerprint = corpus.fingerprint()
+        self.fingerprint, self.data_summary = corpus.fingerprint(), corpus.summary()
         self.spec = spec = replace(spec, model=replace(spec.model, vocab_size=self.tokenizer.vocab_size))
         ckpt = self._load_resume_checkpoint() if t.resume else None
         if ckpt is not None:
@@ -336,6 +337,7 @@ class Run:
             "tokenizer": {"name": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size},
             "tasks": [task.name for task in self.tasks],
             "corpus": self.fingerprint,
+            "data": self.data_summary,  # the prepared corpus: where, from what, the tokenizer's sample
             "device": str(self.device),
             "precision": _PRECISION[self.amp_dtype],
             "distributed": {"mode": self.dist.mode, "world": self.dist.world},

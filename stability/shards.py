@@ -22,7 +22,6 @@ Shape letters: b batch (windows), n tokens, d documents.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import re
@@ -366,6 +365,8 @@ def check_flags(corpus: PreparedCorpus, t: TrainConfig) -> None:
     want = {"tokenizer": t.tokenizer, "val_fraction": t.val_fraction}
     if req["tokenizer"] == "bpe":
         have["vocab_size"], want["vocab_size"] = req["vocab_size"], t.vocab_size
+        have["tokenizer_sample_mb"] = m["tokenizer"]["sample"].get("budget_mb", t.tokenizer_sample_mb)
+        want["tokenizer_sample_mb"] = t.tokenizer_sample_mb
     wrong = [n for n in have if have[n] != want[n]]
     if wrong:
         def flags(values: dict[str, Any]) -> str:
@@ -396,10 +397,19 @@ def load_prepared(t: TrainConfig, say: Callable[[str], None] = lambda text: None
     return open_prepared(entry, fix, name=label)
 
 
+def corpus_mismatch(saved: str) -> str:
+    """Why a checkpoint's corpus fingerprint is not this run's, for --resume's refusal."""
+    if not str(saved).startswith("prepared:"):
+        return ("the checkpoint was written by an lsnn that kept its corpus in memory: its data position indexes "
+                "that token stream, not these prepared shards; start a new run (another --output-dir, or "
+                "--overwrite), or finish this one with the lsnn that started it")
+    return "the training text changed since the checkpoint (its prepared corpus' fingerprint differs)"
+
+
 def progress_bar(progress: str) -> bool:
     """Whether ``--progress`` means a bar for the preparation (on stderr)."""
     return progress == "bar" or (progress == "auto" and sys.stderr.isatty())
 
 
-__all__ = ["PreparedCorpus", "ShardTokens", "TaskTokens", "TokenBatches", "baselines", "bisect", "is_prepared",
+__all__ = ["PreparedCorpus", "ShardTokens", "TaskTokens", "baselines", "corpus_mismatch", "is_prepared",
            "load_prepared", "open_prepared", "task_views"]

@@ -9,6 +9,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -534,3 +535,40 @@ def test_unigram_loss_of_real_validation_text_is_below_ln_vocab(stdlib):
 def test_unigram_loss_with_ids_outside_the_vocabulary_raises():
     with pytest.raises(DataError, match="--vocab-size 4: token ids span 0..9"):
         unigram_loss(torch.arange(10), vocab_size=4)
+
+
+# --- the shuffle ----------------------------------------------------------------------------
+
+
+@given(st.integers(1, 3000), st.integers(0, 2**63 - 1))
+def test_permute_is_a_bijection_of_range_n(n, key):
+    out = data.permute(np.arange(n), n, key)
+    assert sorted(out.tolist()) == list(range(n))
+
+
+def test_permute_of_a_slice_is_the_slice_of_the_permutation_and_depends_on_the_key():
+    whole = data.permute(np.arange(5000), 5000, 7)
+    assert np.array_equal(data.permute(np.arange(1200, 1300), 5000, 7), whole[1200:1300])
+    assert not np.array_equal(data.permute(np.arange(5000), 5000, 8), whole)
+    assert abs(np.corrcoef(np.arange(5000), whole)[0, 1]) < 0.05  # no trace of the order left
+
+
+class _Huge:
+    """A stream of 10^10 tokens that exists only where it is read: token i is i % 1000."""
+
+    def __len__(self) -> int:
+        return 10**10
+
+    def windows(self, starts, length):
+        return (starts[:, None] + np.arange(length)) % 1000
+
+    def read(self, start, stop):
+        return np.arange(start, stop) % 1000
+
+
+def test_batches_of_a_stream_of_ten_billion_tokens_hold_no_order_in_memory():
+    batches = TokenBatches(_Huge(), batch_size=8, seq_len=100, seed=1)
+    ids = batches.window_ids(3, 123_456)
+    assert len(set(ids)) == 8 and all(0 <= w < batches.num_windows for w in ids)
+    x, y = batches.get(3, 123_456)
+    assert x[:, 0].tolist() == [w * 100 % 1000 for w in ids] and torch.equal(x[:, 1:], y[:, :-1])
