@@ -21,7 +21,7 @@ from model import HybridLM
 from stability.artifacts import ArtifactError, RunArtifacts
 from stability.config import ConfigError, TrainConfig
 from stability.data import DataError, Document, TokenBatches, TokenSource, unigram_loss
-from stability.shards import PreparedCorpus, baselines, load_prepared
+from stability.shards import PreparedCorpus, baselines, is_prepared, load_prepared, open_prepared
 from stability.sources import TextFile, decode, open_source, read_bytes
 from stability.stream import _mode_accuracy
 from stability.tokenizers import encode_documents, tokenizer_spec
@@ -99,6 +99,14 @@ def evaluate_run(art: RunArtifacts, data: str | Path | None = None, eval_batches
     if data is None:
         corpus, name, same = validation_split(art)
         tokens, documents = corpus.splits["val"].tokens, corpus.manifest["splits"]["val"]["documents"]
+        unigram, unigram_acc = baselines(tokens, art.tokenizer.vocab_size)
+    elif is_prepared(data):
+        corpus = open_prepared(data, f"prepare it again (lsnn prepare SOURCE {data}, into an empty directory)")
+        if tokenizer_spec(corpus.tokenizer) != tokenizer_spec(art.tokenizer):
+            raise ArtifactError(f"--data {data}: prepared with another tokenizer than the run's "
+                                f"{art.run_dir / 'tokenizer.json'}; prepare the text with the run's flags")
+        tokens, documents = corpus.splits["val"].tokens, corpus.manifest["splits"]["val"]["documents"]
+        name, same = f"validation split of --data {data}", True
         unigram, unigram_acc = baselines(tokens, art.tokenizer.vocab_size)
     else:
         docs = eval_documents(data)

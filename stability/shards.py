@@ -175,6 +175,8 @@ class PreparedCorpus:
     name: str
     """What the corpus is, for logs: "stdlib", the --data path."""
     splits: dict[str, Split] = field(repr=False)
+    display_root: str = ""
+    """What document names are joined to: the source as this command names it."""
 
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
@@ -192,7 +194,7 @@ class PreparedCorpus:
 
     def names(self, split: str, docs: np.ndarray | None = None) -> Names:
         sp = self.splits[split]
-        return Names(sp.names, sp.docs["name"], docs, self.manifest["source"].get("display_root", ""))
+        return Names(sp.names, sp.docs["name"], docs, self.display_root)
 
 
 def _damaged(path: Path, problem: str, fix: str) -> DataError:
@@ -242,8 +244,8 @@ def open_prepared(path: str | Path, fix: str, name: str | None = None) -> Prepar
         names_file = path / f"{s}.names"
         names = np.memmap(names_file, dtype=np.uint8, mode="r") if names_file.stat().st_size else np.zeros(0, np.uint8)
         splits[s] = Split(tokens, np.load(path / f"{s}.docs.npy", mmap_mode="r"), names)
-    label = name or manifest["source"].get("label") or str(path)
-    return PreparedCorpus(path, manifest, tokenizer, label, splits)
+    label = name or manifest.get("source_label") or str(path)
+    return PreparedCorpus(path, manifest, tokenizer, label, splits, manifest["source"].get("display_root", ""))
 
 
 # --- tasks ------------------------------------------------------------------------------------------
@@ -343,7 +345,8 @@ def cache_entry(source: Source, settings: Settings, cache_dir: Path, tokenizer: 
             if tokenizer is not None else
             {"kind": settings.tokenizer, "vocab": settings.vocab_size if settings.tokenizer == "bpe" else None,
              "sample_mb": settings.tokenizer_sample_mb if settings.tokenizer == "bpe" else None, "bpe": BPE_RECIPE})
-    what = {"source": source.describe(), "val_fraction": settings.val_fraction, "tokenizer": made,
+    where = {**source.describe(), "path": str(Path(source.root).resolve()) if source.root.exists() else source.kind}
+    what = {"source": where, "val_fraction": settings.val_fraction, "tokenizer": made,
             "format": VERSION, "shard_tokens": settings.shard_tokens}
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(source.root)).name or source.kind)[:40]
     return cache_dir / "prepared" / f"{slug}-{_key(what)}" / _key(source.listing())
@@ -394,7 +397,9 @@ def load_prepared(t: TrainConfig, say: Callable[[str], None] = lambda text: None
         _note_older(entry, say)
         say(f"preparing {label} into {entry} (once: later runs map it from there)")
         prepare(source, entry, settings, say, bar, tokenizer, extra={"source_label": label})
-    return open_prepared(entry, fix, name=label)
+    corpus = open_prepared(entry, fix, name=label)
+    corpus.display_root = source.display_root()  # names as this command's --data spells the path
+    return corpus
 
 
 def corpus_mismatch(saved: str) -> str:

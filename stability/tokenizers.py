@@ -1,8 +1,9 @@
 """Tokenizers behind one small interface: byte-level BPE (default), bytes, tiktoken's.
 
 ``--tokenizer bpe`` trains a byte-level BPE with the Rust ``tokenizers`` library on the
-corpus' TRAINING split only and caches it on disk under the corpus fingerprint, so a
-second run loads it without training. ``gpt2`` and ``o200k`` need tiktoken and its
+corpus' TRAINING split only: training runs give it a bounded sample of that split
+(``stability.prepare``) and keep it in the prepared corpus; ``bpe_tokenizer`` trains one on
+an in-memory corpus and caches it on disk under the corpus fingerprint. ``gpt2`` and ``o200k`` need tiktoken and its
 encoding files already in tiktoken's cache: the cache is checked before tiktoken is
 called, so nothing here ever reaches the network.
 """

@@ -4,6 +4,7 @@ the cache reads no text on a second start."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -18,7 +19,7 @@ from stability.prepare import Settings, prepare
 from stability.shards import corpus_mismatch, load_prepared, open_prepared, task_tokens, task_views
 from stability.sources import DataError, TextDirectory, open_source
 from stability.tokenizers import ByteTokenizer, encode_documents_with_offsets
-from tests.stability.test_data import paragraphs, write
+from tests.stability.test_data import hf_env, paragraphs, write  # noqa: F401 -- a fixture
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +139,17 @@ def test_a_prepared_directory_refuses_flags_it_was_not_made_with(prepared):
 def test_an_old_checkpoints_corpus_is_explained_and_a_changed_one_named():
     assert "kept its corpus in memory" in corpus_mismatch("ab" * 32)
     assert "fingerprint differs" in corpus_mismatch("prepared:" + "ab" * 32)
+
+
+def test_wikitext2_is_prepared_with_its_own_splits(tmp_path, monkeypatch, hf_env):
+    from tests.stability.test_data import WIKI_VAL, fake_datasets
+
+    monkeypatch.setenv("LSNN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets([]))
+    corpus = load_prepared(TrainConfig(dataset="wikitext2", tokenizer="byte"))
+    assert corpus.name == "wikitext2" and corpus.manifest["splits"]["val"]["documents"] == 1
+    val = corpus.splits["val"].tokens
+    assert bytes(val.read(0, len(val) - 1).astype(np.uint8)).decode() == "".join(WIKI_VAL)
+    assert list(corpus.names("train")) == ["train/00000", "train/00001"]
+    assert [corpus.domains[i] for i in corpus.splits["train"].docs["domain"][:-1]] == [
+        "Valkyria Chronicles III", "Tower Building of the Little Rock Arsenal"]
