@@ -346,8 +346,7 @@ class ArrayTokens:
         return self.array[starts[:, None] + np.arange(length)]  # (b, length)
 
     def chunks(self, size: int) -> Iterator[np.ndarray]:
-        for start in range(0, len(self.array), size):
-            yield self.array[start:start + size]
+        yield from np.split(self.array, np.arange(size, len(self.array), size))  # views, no copy
 
 
 def as_token_source(tokens: torch.Tensor | TokenSource) -> TokenSource:

@@ -219,7 +219,7 @@ class Run:
         per_rank = replace(spec, train=replace(t, batch_size=t.batch_size // d.world))
         main_first(d, lambda: check_memory(per_rank, self.device), (BadInput,), others=False)  # one verdict
         self._check_output_dir()
-        # rank 0 trains the tokenizer and fills the token caches; the others then read them
+        # rank 0 prepares the corpus into the cache (tokenizer, shards); the others then map them
         self.tokenizer, corpus, tasks = main_first(d, lambda: prepare_data(spec, self._say), (DataError, BadInput))
         self.fingerprint, self.data_summary = corpus.fingerprint(), corpus.summary()
         self.spec = spec = replace(spec, model=replace(spec.model, vocab_size=self.tokenizer.vocab_size))

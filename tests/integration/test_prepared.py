@@ -5,6 +5,7 @@ wrong ending in exit 2 with what to do."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -125,3 +126,20 @@ def test_resuming_a_checkpoint_from_before_prepared_corpora_exits_2_saying_what_
     assert "kept its corpus in memory" in err and "start a new run" in err
     assert load_checkpoint(last)["trainer"]["step"] == 2 and torch.equal(
         load_checkpoint(last)["trainer"]["model"]["embedding.weight"], state["trainer"]["model"]["embedding.weight"])
+
+
+def test_resuming_after_a_source_file_changed_exits_2_naming_the_change(corpus, tmp_path, capsys):
+    source = tmp_path / "text"
+    shutil.copytree(corpus, source)
+    out = tmp_path / "run"
+    common = ["--data", str(source), "--tokenizer", "byte", *RUN, "--log-every", "2", "--output-dir", str(out)]
+    assert run_cli([*common, "--max-steps", "2"]) == 0
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+    victim = sorted(source.iterdir())[0]
+    victim.write_text(victim.read_text() + "\n# one more line\n")
+    capsys.readouterr()
+    assert run_cli([*common, "--max-steps", "4", "--resume"]) == 2
+    captured = capsys.readouterr()
+    assert "changed since it was last prepared" in captured.out
+    assert "the training text changed since the checkpoint" in captured.err
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before

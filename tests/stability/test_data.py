@@ -572,3 +572,15 @@ def test_batches_of_a_stream_of_ten_billion_tokens_hold_no_order_in_memory():
     assert len(set(ids)) == 8 and all(0 <= w < batches.num_windows for w in ids)
     x, y = batches.get(3, 123_456)
     assert x[:, 0].tolist() == [w * 100 % 1000 for w in ids] and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_baselines_from_counts_read_a_chunk_at_a_time_equal_those_of_the_whole_stream():
+    from stability.stream import _mode_accuracy
+
+    tokens = torch.randint(0, 50, (10_001,), generator=torch.Generator().manual_seed(2))
+    counts = data.token_counts(data.ArrayTokens(tokens.numpy()), 64, chunk=999)
+    assert counts.sum() == 10_001 and counts[50:].sum() == 0
+    assert data.unigram_from_counts(counts) == pytest.approx(unigram_loss(tokens, 64), rel=1e-12)
+    assert data.mode_accuracy_from_counts(counts, int(tokens[0])) == pytest.approx(_mode_accuracy(tokens), rel=1e-12)
+    with pytest.raises(DataError, match="--vocab-size 40: token ids reach 49"):
+        data.token_counts(data.ArrayTokens(tokens.numpy()), 40)
