@@ -154,18 +154,32 @@ def read_range(path: Path, start: int, stop: int, what: str) -> bytes:
         raise DataError(f"{what}: cannot read {path} ({e.strerror or e}); fix or remove it") from e
 
 
-def list_files(root: Path, keep_dir: Callable[[str], bool] = lambda d: True,
-               keep_file: Callable[[str], bool] = lambda f: True) -> list[str]:
-    """Relative POSIX paths of the files under ``root`` in path order, hidden names never."""
+Listing = list[tuple[str, int, int]]
+"""(relative POSIX path, size, mtime_ns) of each file of a source, in path order."""
+
+
+def walk_files(root: Path, keep_dir: Callable[[str], bool] = lambda d: True,
+               keep_file: Callable[[str], bool] = lambda f: True) -> Listing:
+    """The files under ``root`` with their sizes and mtimes, hidden names never: one
+    ``scandir`` walk, each file stat-ed once (260,000 files are a few seconds)."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and keep_dir(d))
-        found += [Path(dirpath, f).relative_to(root).as_posix() for f in filenames
-                  if not f.startswith(".") and keep_file(f)]
+    todo = [(root, "")]
+    while todo:
+        directory, prefix = todo.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    if keep_dir(entry.name):
+                        todo.append((Path(entry.path), f"{prefix}{entry.name}/"))
+                elif entry.is_file() and keep_file(entry.name):
+                    st = entry.stat()
+                    found.append((prefix + entry.name, st.st_size, st.st_mtime_ns))
     return sorted(found)
 
 
-def stat_listing(root: Path, names: Sequence[str]) -> list[tuple[str, int, int]]:
+def stat_listing(root: Path, names: Sequence[str]) -> Listing:
     """(name, size, mtime_ns) of each file: what a prepared corpus was made from, by metadata."""
     out = []
     for name in names:
@@ -224,7 +238,7 @@ class Source:
         """One unit's documents again, exactly as ``scan`` gave them."""
         raise NotImplementedError
 
-    def listing(self) -> list[tuple[str, int, int]]:
+    def listing(self) -> Listing:
         """(path, size, mtime_ns) of every file read: the source's identity by metadata."""
         raise NotImplementedError
 
@@ -260,17 +274,18 @@ class TextDirectory(Source):
     kind = "text-directory"
     doc_unit = "files"
 
-    def __init__(self, root: Path, what: str, names: list[str] | None = None,
+    def __init__(self, root: Path, what: str, files: Listing | None = None,
                  domains: dict[str, str] | None = None):
         self.root, self.what = root, what
-        self.names = list_files(root) if names is None else names
+        self.files = walk_files(root) if files is None else files
+        self.names = [name for name, _, _ in self.files]
         self.domains = domains or {}  # path -> domain, where it is not the first path component
 
-    def listing(self) -> list[tuple[str, int, int]]:
-        return stat_listing(self.root, self.names)
+    def listing(self) -> Listing:
+        return self.files
 
     def scan(self) -> Iterator[tuple[Any, list[Doc]]]:
-        sizes = {name: size for name, size, _ in self.listing()}
+        sizes = {name: size for name, size, _ in self.files}
         for names in _group_by_size(self.names, sizes):
             docs = self._docs(names)
             self.skipped += len(names) - len(docs)
@@ -315,9 +330,9 @@ class StdlibSource(TextDirectory):
     kind = "stdlib"
 
     def __init__(self, root: Path):
-        names = list_files(root, keep_dir=lambda d: d not in _STDLIB_SKIP_DIRS and not d.startswith("config-"),
+        files = walk_files(root, keep_dir=lambda d: d not in _STDLIB_SKIP_DIRS and not d.startswith("config-"),
                            keep_file=lambda f: f.endswith(".py") and not f.startswith("_sysconfigdata"))
-        super().__init__(root, "--dataset stdlib", names)
+        super().__init__(root, "--dataset stdlib", files)
 
     def scan(self) -> Iterator[tuple[Any, list[Doc]]]:
         # the top-level modules' domains need all their sizes first (4.7 MB): read them here,
@@ -370,7 +385,7 @@ class TextFile(Source):
         self.root, self.what = path, what
         self.found_text = False
 
-    def listing(self) -> list[tuple[str, int, int]]:
+    def listing(self) -> Listing:
         return stat_listing(self.root, [""])
 
     def scan(self) -> Iterator[tuple[Any, list[Doc]]]:
@@ -459,8 +474,9 @@ class JsonLines(Source):
 
     kind = "jsonl"
 
-    def __init__(self, root: Path, what: str, text_field: str, names: list[str]):
-        self.root, self.what, self.text_field, self.names = root, what, text_field, names
+    def __init__(self, root: Path, what: str, text_field: str, files: Listing):
+        self.root, self.what, self.text_field, self.files = root, what, text_field, files
+        self.names = [name for name, _, _ in files]
 
     def _path(self, name: str) -> Path:
         return self.root / name if name else self.root
@@ -468,8 +484,8 @@ class JsonLines(Source):
     def _label(self, name: str) -> str:
         return name or self.root.name
 
-    def listing(self) -> list[tuple[str, int, int]]:
-        return stat_listing(self.root, self.names)
+    def listing(self) -> Listing:
+        return self.files
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "text_field": self.text_field, "files": len(self.names)}
@@ -542,15 +558,16 @@ class Tables(Source):
 
     kind = "tables"
 
-    def __init__(self, root: Path, what: str, text_field: str, names: list[str]):
-        self.root, self.what, self.text_field, self.names = root, what, text_field, names
+    def __init__(self, root: Path, what: str, text_field: str, files: Listing):
+        self.root, self.what, self.text_field, self.files = root, what, text_field, files
+        self.names = [name for name, _, _ in files]
         self.pa = _pyarrow(what)
 
     def _path(self, name: str) -> Path:
         return self.root / name if name else self.root
 
-    def listing(self) -> list[tuple[str, int, int]]:
-        return stat_listing(self.root, self.names)
+    def listing(self) -> Listing:
+        return self.files
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "text_field": self.text_field, "files": len(self.names)}
@@ -649,7 +666,7 @@ class InMemory(Source):
     def __init__(self, name: str, docs: list[Doc]):
         self.root, self.what, self.docs = Path(name), f"--dataset {name}", docs
 
-    def listing(self) -> list[tuple[str, int, int]]:
+    def listing(self) -> Listing:
         h = hashlib.sha256()  # no files to stat: the text is what it is
         for d in self.docs:
             h.update(json.dumps([d.key, d.domain, d.split, d.text]).encode("utf-8", "surrogatepass"))
@@ -684,16 +701,16 @@ def _kind_of(name: str) -> str:
     return _TABLE_SUFFIXES.get(suffix, "text")
 
 
-def _directory_kind(root: Path, names: list[str], data_format: str) -> str:
+def _directory_kind(files: Listing, data_format: str) -> str:
     """``--data-format auto`` for a directory: the kind of file holding most of its bytes
     (tables and their .json metadata as ``datasets`` writes them, JSON Lines, or text)."""
     if data_format != "auto":
         return "tables" if data_format in ("parquet", "arrow") else data_format
     sizes: dict[str, int] = {}
-    for name in names:
+    for name, size, _ in files:
         kind = _kind_of(name)
         kind = "tables" if kind in ("parquet", "arrow") else kind
-        sizes[kind] = sizes.get(kind, 0) + (root / name).stat().st_size
+        sizes[kind] = sizes.get(kind, 0) + size
     return max(sizes, key=lambda k: (sizes[k], k)) if sizes else "text"
 
 
@@ -710,14 +727,14 @@ def open_source(path: str | Path, data_format: str = "auto", text_field: str = "
         if kind == "text":
             return TextFile(root, what)
         if kind == "jsonl":
-            return JsonLines(root, what, text_field, [""])
-        return Tables(root, what, text_field, [""])
-    names = list_files(root)
-    kind = _directory_kind(root, names, data_format)
+            return JsonLines(root, what, text_field, stat_listing(root, [""]))
+        return Tables(root, what, text_field, stat_listing(root, [""]))
+    files = walk_files(root)
+    kind = _directory_kind(files, data_format)
     if kind == "text":
-        return TextDirectory(root, what, names)
+        return TextDirectory(root, what, files)
     wanted = {"jsonl": _JSONL_SUFFIXES, "tables": tuple(_TABLE_SUFFIXES)}[kind]
-    chosen = [n for n in names if Path(n).suffix.lower() in wanted]
+    chosen = [f for f in files if Path(f[0]).suffix.lower() in wanted]
     if not chosen:
         raise DataError(f"{what}: --data-format {data_format} but the directory holds no {' or '.join(wanted)} "
                         "files; pass another --data-format")
