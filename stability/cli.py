@@ -114,7 +114,7 @@ def _add_prepare_command(sub) -> None:
     p = sub.add_parser("prepare", help="tokenise a corpus once into token shards that `train --data` maps",
                        description="Tokenise SOURCE into OUT: token shards (uint16 where the vocabulary fits), an "
                        "index of documents, their names and domains, the tokenizer and a manifest. Streams the "
-                       "source (memory does not grow with it) and encodes on every core. `lsnn train --data OUT` "
+                       "source (memory grows with its number of files, never with its text) and encodes on every core. `lsnn train --data OUT` "
                        "then trains on it, taking the tokenizer and split flags from it.")
     p.add_argument("source", metavar="SOURCE", help="a text file, a directory of text files, JSON Lines (.jsonl) or "
                    "Parquet/Arrow files (a file, or a directory such as datasets.save_to_disk writes)")

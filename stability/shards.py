@@ -37,7 +37,6 @@ from stability import sources
 from stability.config import TrainConfig
 from stability.data import (
     DATASETS,
-    TokenBatches,
     assign_domains,
     check_task,
     mode_accuracy_from_counts,

@@ -36,6 +36,7 @@ def test_prepare_then_train_takes_the_tokenizer_from_the_directory(prepared, cor
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["tokenizer"] == "byte" and config["tokenizer"] == {"name": "byte", "vocab_size": 256}
     assert config["data"]["prepared"] == str(prepared) and config["corpus"].startswith("prepared:")
+    assert json.loads((prepared / "manifest.json").read_text())["timing"]["workers"] == 2  # --workers 2
     assert "preparing" not in capsys.readouterr().out
     # the same data through the cache: another directory, the same fingerprint
     again = tmp_path / "again"

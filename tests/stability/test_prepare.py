@@ -142,3 +142,18 @@ def test_temporaries_of_dead_preparations_are_removed_and_live_ones_kept(tmp_pat
     live.mkdir()
     prep.remove_abandoned(tmp_path)
     assert not gone.exists() and live.exists()
+
+
+def test_progress_says_a_line_every_10_s_without_a_bar_and_draws_one_with_it(monkeypatch, capsys):
+    clock = iter([0.0, 4.0, 12.0, 12.0])  # start, two updates, the line's rate
+    monkeypatch.setattr(prep.time, "monotonic", lambda: next(clock))
+    said: list[str] = []
+    lines = prep.Progress("encoding x", 40_000_000, said.append, bar=False)
+    lines.update(5_000_000, 1_000_000)  # at 4 s: nothing yet
+    lines.update(5_000_000, 1_000_000)  # at 12 s: a line
+    assert said == ["encoding x: 10 of 40 MB, ETA 36s, 2.0 M tokens, 0.8 MB/s"]
+    monkeypatch.undo()
+    bar = prep.Progress("encoding y", 1_000_000, said.append, bar=True)
+    bar.update(500_000, 10)
+    bar.close()
+    assert "encoding y" in capsys.readouterr().err and len(said) == 1
