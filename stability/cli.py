@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import types
 import typing
@@ -102,7 +103,62 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a fault is survived if the final validation loss is within this fraction "
                             "(of max(1, control loss)) above the clean control's (default: 0.25)")
     _add_use_commands(sub)
+    _add_prepare_command(sub)
     return parser
+
+
+_PREPARE_FLAGS = ("tokenizer", "vocab_size", "tokenizer_sample_mb", "val_fraction", "data_format", "text_field")
+
+
+def _add_prepare_command(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenise a corpus once into token shards that `train --data` maps",
+                       description="Tokenise SOURCE into OUT: token shards (uint16 where the vocabulary fits), an "
+                       "index of documents, their names and domains, the tokenizer and a manifest. Streams the "
+                       "source (memory grows with its number of files, never with its text) and encodes on every core. `lsnn train --data OUT` "
+                       "then trains on it, taking the tokenizer and split flags from it.")
+    p.add_argument("source", metavar="SOURCE", help="a text file, a directory of text files, JSON Lines (.jsonl) or "
+                   "Parquet/Arrow files (a file, or a directory such as datasets.save_to_disk writes)")
+    p.add_argument("out", metavar="OUT", type=Path, help="the directory to write; it must not exist (or be empty)")
+    hints, docs = typing.get_type_hints(TrainConfig), field_docs(TrainConfig)
+    for f in (f for f in fields(TrainConfig) if f.name in _PREPARE_FLAGS):
+        tp, _ = _unwrap(hints[f.name])
+        kw: dict[str, Any] = {"dest": f.name, "default": f.default}
+        if typing.get_origin(tp) is Literal:
+            kw["choices"] = list(typing.get_args(tp))
+        else:
+            kw.update(type=tp, metavar=tp.__name__.upper())
+        p.add_argument(flag(f.name), help=f"{docs.get(f.name, '')} (default: {f.default})", **kw)
+    p.add_argument("--workers", type=_number(int, 0, "an integer >= 0"), default=0,
+                   help="encoding processes (default: 0, one per core this process may use)")
+    p.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto",
+                   help="a progress bar on a terminal (auto), always (bar), or a line every 10 s (lines)")
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    """``lsnn prepare SOURCE OUT``; bad input exits 2 with a message, writing nothing."""
+    from stability.data import DataError
+    from stability.prepare import prepare
+    from stability.shards import is_prepared, open_prepared, progress_bar, settings_of, source_of
+
+    out: Path = args.out
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise CliError(f"OUT {out}: exists and is not an empty directory; choose a new directory (or delete it)")
+        if is_prepared(args.source):
+            raise CliError(f"SOURCE {args.source}: is a prepared corpus already; pass it to `lsnn train --data`")
+        t = TrainConfig(data=args.source, **{name: getattr(args, name) for name in _PREPARE_FLAGS})
+        source = source_of(t)
+        prepare(source, out, settings_of(t, args.workers), say=print, bar=progress_bar(args.progress),
+                extra={"source_label": str(args.source)})
+    except (CliError, ConfigError, DataError) as e:
+        print(f"lsnn prepare: error: {e}", file=sys.stderr)
+        return 2
+    corpus = open_prepared(out, "prepare it again")
+    splits = corpus.manifest["splits"]
+    print(f"wrote {out}: " + ", ".join(f"{s} {v['documents']:,} documents, {v['tokens']:,} tokens in "
+                                        f"{len(v['shards'])} shard(s)" for s, v in splits.items())
+          + f"; train with: lsnn train --data {out}")
+    return 0
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -148,8 +204,9 @@ _DEPENDS: tuple[tuple[tuple[str, ...], str, Any], ...] = (
     (("spike_rate_window",), "--spike-to-mamba-method rate (the default)",
      lambda v: v.get("spike_to_mamba_method", "rate") == "rate"),
     (("spike_temporal_tau",), "--spike-to-mamba-method temporal", lambda v: v.get("spike_to_mamba_method") == "temporal"),
-    (("vocab_size",), "--tokenizer bpe (byte, gpt2 and o200k have fixed vocabularies)",
+    (("vocab_size", "tokenizer_sample_mb"), "--tokenizer bpe (byte, gpt2 and o200k have fixed vocabularies)",
      lambda v: v.get("tokenizer", "bpe") == "bpe"),
+    (("data_format", "text_field"), "--data", lambda v: v.get("data") is not None),
 )
 
 
@@ -170,11 +227,11 @@ def check_dependencies(explicit: dict[str, Any], values: dict[str, Any]) -> None
 # --- --config FILE -------------------------------------------------------------------------
 
 # The sections of a run's config.json that hold flags, and the facts it records beside them
-# (the tokenizer built, the corpus fingerprint, the tasks, the device, precision, torch
+# (the tokenizer built, the corpus fingerprint and data, the tasks, the device, precision, torch
 # version and process group the run had), which are not flags and are skipped.
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "guard": GuardConfig,
                               "plasticity": PlasticityConfig, "continual": ContinualConfig}
-_RUN_FACTS = ("tokenizer", "corpus", "tasks", "device", "precision", "torch", "distributed")
+_RUN_FACTS = ("tokenizer", "corpus", "data", "tasks", "device", "precision", "torch", "distributed")
 # What a process does to --output-dir, not how the run trains: only the command line says it
 # (run X's config.json has resume or overwrite true when X was started so, and --config must
 # not resume or wipe X behind the user's back).
@@ -345,6 +402,31 @@ def _file_dependency_problems(keys: dict[str, str], explicit: dict[str, Any], va
         raise CliError("\n  - ".join([f"{where}: keys that would have no effect:", *problems]))
 
 
+# What a prepared --data directory was made with, and the flags that say it.
+_PREPARED_FLAGS = ("tokenizer", "vocab_size", "val_fraction", "tokenizer_sample_mb")
+
+
+def _adopt_prepared(values: dict[str, Any], given: set[str]) -> None:
+    """--data naming a prepared directory: the flags it was prepared with that the command
+    leaves out take its values (one given otherwise is refused when the data is opened)."""
+    data = values.get("data")
+    if data is None:
+        return
+    from stability.prepare import MANIFEST
+
+    try:
+        manifest = json.loads((Path(data) / MANIFEST).read_text(encoding="utf-8"))
+        requested = manifest["tokenizer"]["requested"]
+        made = {**requested, "val_fraction": manifest["split"]["val_fraction"],
+                "tokenizer_sample_mb": manifest["tokenizer"]["sample"].get("budget_mb")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not a prepared directory (or a damaged one: opening it says what is wrong)
+    for name in _PREPARED_FLAGS:
+        bpe_only = name in ("vocab_size", "tokenizer_sample_mb") and made["tokenizer"] != "bpe"
+        if name not in given and not bpe_only and made.get(name) is not None:
+            values[name] = made[name]
+
+
 def resolve(args: argparse.Namespace):
     """Configs from dataclass defaults <- the --phase preset <- the --config file <- (--tiny
     sizes) <- explicit flags. A --phase flag beats the file's phase."""
@@ -365,6 +447,7 @@ def resolve(args: argparse.Namespace):
 
         values.update({**TINY, **TINY_TRAIN})
     values.update(explicit)
+    _adopt_prepared(values, {*explicit, *from_file})
     check_dependencies(explicit, values)
     try:
         model = ModelConfig(**_split(ModelConfig, values))
@@ -408,6 +491,8 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.command in USE_COMMANDS:
         return use_command(args)
+    if args.command == "prepare":
+        return prepare_command(args)
     bad_input = (CliError, ConfigError, DataError, BadInput, FaultSpecError, DistError)
     d = Dist()
     try:

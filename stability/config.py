@@ -99,13 +99,19 @@ class TrainConfig(_Config):
     dataset: str | None = None
     """A named corpus instead of the embedded one: stdlib (default) or wikitext2."""
     data: str | None = None
-    """A text file or a directory of text files to train on instead of the embedded corpus."""
+    """Text to train on instead of the embedded corpus: a text file, a directory of text files, JSON Lines, Parquet or Arrow files, or a directory from lsnn prepare."""
+    data_format: Literal["auto", "text", "jsonl", "parquet", "arrow"] = "auto"
+    """How to read --data: auto goes by the suffix of a file, or of the files holding most of a directory's bytes."""
+    text_field: str = "text"
+    """The field of a JSON Lines record, or the column of a Parquet or Arrow table, that holds the text (--data)."""
     val_fraction: float = 0.05
     """Fraction of files (or segments of a single --data file) held out for validation."""
     tokenizer: Literal["bpe", "byte", "gpt2", "o200k"] = "bpe"
     """bpe (trained on the training split), byte, or gpt2/o200k via tiktoken."""
     vocab_size: int = 8192
     """Vocabulary size of the bpe tokenizer (byte is 256; tiktoken's are fixed)."""
+    tokenizer_sample_mb: int = 64
+    """The bpe tokenizer is trained on at most this many MB of the training split: a fixed sample of whole documents."""
     progress: Literal["auto", "bar", "lines"] = "auto"
     """Progress output: a bar on a terminal, plain periodic lines otherwise."""
     tensorboard: bool = False
@@ -116,7 +122,7 @@ class TrainConfig(_Config):
     def __post_init__(self) -> None:
         p: list[str] = []
         _check_positive(self, ("epochs", "batch_size", "sequence_length", "gradient_accumulation_steps",
-                               "log_every", "vocab_size", "keep_checkpoints"), p)
+                               "log_every", "vocab_size", "keep_checkpoints", "tokenizer_sample_mb"), p)
         if self.task != "llm":
             p.append(f"--task {self.task!r} is not supported; the only task is llm")
         if not 0 < self.learning_rate <= 1:

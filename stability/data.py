@@ -21,35 +21,34 @@ import math
 import os
 import re
 import sys
-import sysconfig
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
+
+from stability import sources
+from stability.sources import (  # noqa: F401 -- the split rule and readers, re-exported
+    DEFAULT_VAL_FRACTION,
+    SEGMENT_CHARS,
+    DataError,
+    Source,
+    SplitRule,
+    check_val_fraction,
+    segments,
+    stdlib_root,
+    validation_keys,
+)
+from stability.sources import unit_hash as _unit_hash  # noqa: F401
 
 IGNORE_INDEX = -100
 """Target of a pad: ``torch.nn.functional.cross_entropy``'s default ignore_index."""
 DATASETS: tuple[str, ...] = ("stdlib", "wikitext2")
 """Names accepted by ``--dataset``; ``stdlib`` is the embedded default."""
-DEFAULT_VAL_FRACTION = 0.05
-SEGMENT_CHARS = 16 * 1024
-"""Target size of the segments a single ``--data`` file is split into."""
-
-# Tests (with their deliberately malformed data files) and installed packages are not the
-# standard library's own source.
-_STDLIB_SKIP_DIRS = frozenset(
-    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-)
-# The stdlib's ~190 top-level modules (4.7 MB of 12) are chunked, in name order, into
-# domains of about this many characters, comparable to a large package such as asyncio.
-_TOP_LEVEL_DOMAIN_CHARS = 512 * 1024
 _TASK_LABEL_CHARS = 72
 _WIKITEXT_TITLE = re.compile(r" = ([^=].*?) = \n?")
-
-
-class DataError(ValueError):
-    """A bad data flag or file. The CLI prints it and exits with code 2, writing nothing."""
 
 
 @dataclass(frozen=True)
@@ -99,194 +98,86 @@ class Corpus:
         return sum(len(d.text) for d in self.train), sum(len(d.text) for d in self.val)
 
     def partition(self, k: int) -> list[Corpus]:
-        """K disjoint tasks for continual learning, by domain, each with its own val split.
-
-        Domains (``Document.group``) go, largest first, to the task with the fewest
-        characters so far (ties: the lowest task), so tasks are balanced and the result
-        is deterministic. Each document keeps its train/validation side.
-        """
+        """K disjoint tasks for continual learning, by domain, each with its own val split
+        (``assign_domains``). Each document keeps its train/validation side."""
         groups: dict[str, int] = {}
         for doc in self.train + self.val:
             groups[doc.group] = groups.get(doc.group, 0) + len(doc.text)
-        if k < 1:
-            raise DataError(f"--num-tasks {k}: must be at least 1")
-        if len(groups) < k:
-            raise DataError(
-                f"--num-tasks {k}: the corpus {self.name} has only {len(groups)} domains; "
-                "lower --num-tasks"
-            )
-        loads = [0] * k
-        members: list[list[str]] = [[] for _ in range(k)]
-        for name in sorted(groups, key=lambda g: (-groups[g], g)):
-            task = min(range(k), key=lambda i: (loads[i], i))
-            loads[task] += groups[name]
-            members[task].append(name)
+        members = assign_domains(groups, k, self.name)
         return [self._part(i, names, k) for i, names in enumerate(members)]
 
     def _part(self, i: int, names: list[str], k: int) -> Corpus:
-        label = _task_label(i, names)
+        label = task_label(i, names)
         chosen = set(names)
         train = [d for d in self.train if d.group in chosen]
         val = [d for d in self.val if d.group in chosen]
-        if not train or not val:
-            side = "training" if not train else "validation"
-            raise DataError(
-                f"--num-tasks {k}: {label} would have no {side} documents "
-                f"(the corpus has {len(self.val)} validation documents of "
-                f"{len(self.train) + len(self.val)}); "
-                "lower --num-tasks or raise --val-fraction"
-            )
+        check_task(label, k, len(train), len(val), len(self.val), len(self.train) + len(self.val))
         return Corpus(label, train, val)
 
 
-def _task_label(i: int, names: list[str]) -> str:
+def assign_domains(sizes: dict[str, int], k: int, corpus: str) -> list[list[str]]:
+    """The domains of each of ``k`` tasks: domains (with their sizes in characters) go,
+    largest first, to the task with the fewest characters so far (ties: the lowest task),
+    so tasks are balanced and the result is deterministic."""
+    if k < 1:
+        raise DataError(f"--num-tasks {k}: must be at least 1")
+    if len(sizes) < k:
+        raise DataError(f"--num-tasks {k}: the corpus {corpus} has only {len(sizes)} domains; lower --num-tasks")
+    loads = [0] * k
+    members: list[list[str]] = [[] for _ in range(k)]
+    for name in sorted(sizes, key=lambda g: (-sizes[g], g)):
+        task = min(range(k), key=lambda i: (loads[i], i))
+        loads[task] += sizes[name]
+        members[task].append(name)
+    return members
+
+
+def check_task(label: str, k: int, train: int, val: int, all_val: int, all_docs: int) -> None:
+    if not train or not val:
+        side = "training" if not train else "validation"
+        raise DataError(f"--num-tasks {k}: {label} would have no {side} documents (the corpus has {all_val} "
+                        f"validation documents of {all_docs}); lower --num-tasks or raise --val-fraction")
+
+
+def task_label(i: int, names: list[str]) -> str:
     label = f"task {i + 1}: " + ", ".join(names)
     if len(label) <= _TASK_LABEL_CHARS:
         return label
     return label[: _TASK_LABEL_CHARS - 5].rsplit(", ", 1)[0] + ", ..."
 
 
-# --- the split --------------------------------------------------------------------------
+# --- corpora in memory, read through the same sources as prepared corpora --------------------
 
 
-def _unit_hash(key: str) -> float:
-    """A stable hash of ``key`` in [0, 1): sha256, never Python's per-process ``hash()``."""
-    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def validation_keys(keys: Sequence[str], val_fraction: float) -> set[str]:
-    """The keys held out for validation: those whose hash is below ``val_fraction``.
-
-    Fallback, so that with two or more keys both sides are never empty: if no key hashes
-    below the fraction, the key with the smallest hash is held out (the first to join as
-    the fraction grows); if every key does, the one with the largest hash trains.
-    """
-    scores = {key: _unit_hash(key) for key in keys}
-    val = {key for key, score in scores.items() if score < val_fraction}
-    if len(scores) >= 2 and not val:
-        val = {min(scores, key=lambda key: (scores[key], key))}
-    elif len(scores) >= 2 and len(val) == len(scores):
-        val.discard(max(scores, key=lambda key: (scores[key], key)))
-    return val
-
-
-def _check_val_fraction(val_fraction: float) -> None:
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val-fraction {val_fraction}: must be between 0 and 1 (exclusive)")
-
-
-def _split(
-    name: str, docs: list[Document], keys: list[str], val_fraction: float, what: str, unit: str
-) -> Corpus:
-    """Split ``docs`` (one key each) into a corpus; ``what`` names the flag and path,
-    ``unit`` what a document is ("files", "segments of ~16 KB")."""
-    held_out = validation_keys(keys, val_fraction)
-    train = [d for d, key in zip(docs, keys, strict=True) if key not in held_out]
-    val = [d for d, key in zip(docs, keys, strict=True) if key in held_out]
+def corpus_from_source(source: Source, name: str, val_fraction: float) -> Corpus:
+    """Every document of ``source`` in memory, split as a prepared corpus splits it: for
+    small text (tests, ``lsnn eval --data``); training reads prepared shards instead."""
+    check_val_fraction(val_fraction)
+    docs = [doc for _, unit in source.scan() for doc in unit]
+    source.finish(len(docs))
+    rule = SplitRule(val_fraction)
+    for doc in docs:
+        if doc.split is None:
+            rule.see(doc.key)
+    held = [doc.split == "val" if doc.split is not None else rule.is_val(doc.key) for doc in docs]
+    train = [Document(d.name, d.text, d.domain) for d, v in zip(docs, held, strict=True) if not v]
+    val = [Document(d.name, d.text, d.domain) for d, v in zip(docs, held, strict=True) if v]
     if not train or not val:
-        raise DataError(
-            f"{what}: {len(docs)} {unit} of text is too small to hold out a validation "
-            "split; give more text"
-        )
-    return Corpus(name, train, val)
-
-
-# --- reading files ----------------------------------------------------------------------
-
-
-def _decode(data: bytes) -> str | None:
-    """The text of a file, or None if it is binary (NUL bytes) or not UTF-8."""
-    if b"\x00" in data:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{what}: cannot read {path} ({e.strerror or e}); fix or remove it") from e
-
-
-def _walk_texts(
-    root: Path, keep_dir: Callable[[str], bool], keep_file: Callable[[str], bool], what: str
-) -> tuple[dict[str, str], int]:
-    """Relative POSIX path -> text of the text files under ``root``, in path order,
-    and how many files were skipped as binary, not UTF-8 or empty. Hidden names are
-    never read."""
-    texts: dict[str, str] = {}
-    skipped = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and keep_dir(d))
-        for filename in sorted(filenames):
-            if filename.startswith(".") or not keep_file(filename):
-                continue
-            path = Path(dirpath, filename)
-            text = _decode(_read(path, what))
-            if text is None or not text.strip():
-                skipped += 1
-                continue
-            texts[path.relative_to(root).as_posix()] = text
-    return dict(sorted(texts.items())), skipped
-
-
-# --- the embedded corpus ----------------------------------------------------------------
-
-
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
+        raise DataError(f"{source.what}: {len(docs)} {source.doc_unit} of text is too small to hold out a "
+                        "validation split; give more text")
+    return Corpus(name, train, val, source.skipped)
 
 
 def stdlib_corpus(val_fraction: float = DEFAULT_VAL_FRACTION) -> Corpus:
-    """The running interpreter's standard library ``.py`` sources (~12 MB, ~730 files).
-
-    Test packages, site-/dist-packages, ``__pycache__`` and the build's generated config
-    (``config-*/``, ``_sysconfigdata*``) are left out, and so are files that are not
-    UTF-8. Domains: each package (the first path component), plus the top-level modules
-    chunked in name order into domains of about 512 K characters.
-    """
-    _check_val_fraction(val_fraction)
-    texts, skipped = _walk_texts(
-        stdlib_root(),
-        keep_dir=lambda d: d not in _STDLIB_SKIP_DIRS and not d.startswith("config-"),
-        keep_file=lambda f: f.endswith(".py") and not f.startswith("_sysconfigdata"),
-        what="--dataset stdlib",
-    )
-    if not texts:
-        raise DataError(
-            f"--dataset stdlib: no Python sources under {stdlib_root()}; "
-            "this interpreter ships without its standard library sources, pass --data"
-        )
-    domains = _top_level_domains({p: len(t) for p, t in texts.items() if "/" not in p})
-    docs = [Document(p, t, domains.get(p, "")) for p, t in texts.items()]
-    corpus = _split("stdlib", docs, list(texts), val_fraction, "--dataset stdlib", "files")
-    return Corpus(corpus.name, corpus.train, corpus.val, skipped)
+    """The embedded corpus in memory: see ``sources.StdlibSource``."""
+    check_val_fraction(val_fraction)
+    return corpus_from_source(sources.StdlibSource(sources.stdlib_root()), "stdlib", val_fraction)
 
 
-def _top_level_domains(sizes: dict[str, int]) -> dict[str, str]:
-    """Chunk top-level modules, in name order, into domains of about
-    ``_TOP_LEVEL_DOMAIN_CHARS``, each named by its first and last module."""
-    chunks: list[list[str]] = [[]]
-    total = 0
-    for path in sorted(sizes):
-        if chunks[-1] and total + sizes[path] > _TOP_LEVEL_DOMAIN_CHARS:
-            chunks.append([])
-            total = 0
-        chunks[-1].append(path)
-        total += sizes[path]
-    stem = lambda p: p.removesuffix(".py")  # noqa: E731
-    return {p: f"modules {stem(c[0])}..{stem(c[-1])}" for c in chunks if c for p in c}
-
-
-# --- --data PATH ------------------------------------------------------------------------
-
-
-def text_corpus(path: str | Path, val_fraction: float = DEFAULT_VAL_FRACTION) -> Corpus:
-    """``--data PATH``: a UTF-8 text file, or a directory of them (recursive).
+def text_corpus(path: str | Path, val_fraction: float = DEFAULT_VAL_FRACTION, data_format: str = "auto",
+                text_field: str = "text") -> Corpus:
+    """``--data PATH`` in memory: a UTF-8 text file, or a directory of them (recursive),
+    or JSON Lines / Parquet / Arrow files (``sources.open_source``).
 
     A directory is split by file, with one domain per top-level directory (a flat
     directory: per file); a single file is split into ~16 KB segments of whole
@@ -294,72 +185,8 @@ def text_corpus(path: str | Path, val_fraction: float = DEFAULT_VAL_FRACTION) ->
     Hidden files and directories are ignored; binary, non-UTF-8 and empty files in a
     directory are skipped and counted in ``Corpus.skipped``.
     """
-    _check_val_fraction(val_fraction)
-    root = Path(path)
-    what = f"--data {path}"
-    if not root.exists():
-        raise DataError(
-            f"{what}: no such file or directory; pass a text file or a directory of text files"
-        )
-    if root.is_dir():
-        return _directory_corpus(root, val_fraction, what)
-    return _file_corpus(root, val_fraction, what)
-
-
-def _directory_corpus(root: Path, val_fraction: float, what: str) -> Corpus:
-    texts, skipped = _walk_texts(root, lambda d: True, lambda f: True, what)
-    if not texts:
-        raise DataError(
-            f"{what}: no text files in the directory ({skipped} skipped as binary, not UTF-8 "
-            "or empty; hidden files are ignored); pass a directory of UTF-8 text files"
-        )
-    if len(texts) == 1:
-        raise DataError(
-            f"{what}: one text file is too small to hold out a validation split by file; "
-            f"give more text, or pass the file itself ({root / next(iter(texts))}) "
-            "to split it by segment"
-        )
-    docs = [Document(p, t) for p, t in texts.items()]
-    corpus = _split(str(root), docs, list(texts), val_fraction, what, "files")
-    return Corpus(corpus.name, corpus.train, corpus.val, skipped)
-
-
-def _file_corpus(path: Path, val_fraction: float, what: str) -> Corpus:
-    data = _read(path, what)
-    if not data.strip():
-        raise DataError(f"{what}: the file is empty; pass a file with text in it")
-    text = _decode(data)
-    if text is None:
-        raise DataError(f"{what}: the file is binary or not UTF-8 text; pass a UTF-8 text file")
-    pieces = segments(text, SEGMENT_CHARS)
-    docs = [
-        Document(f"{path.name}#{i:05d}", s, f"{path.name}#{i:05d}") for i, s in enumerate(pieces)
-    ]
-    keys = [str(i) for i in range(len(docs))]
-    return _split(
-        str(path), docs, keys, val_fraction, what, f"segment(s) of up to {SEGMENT_CHARS // 1024} KB"
-    )
-
-
-def segments(text: str, size: int) -> list[str]:
-    """Contiguous pieces of ``text`` of at most ``size`` characters whose concatenation
-    is ``text``: cut after the last blank line in reach, else the last newline, else at
-    ``size``."""
-    pieces = []
-    start = 0
-    while start < len(text):
-        end = start + size
-        if end < len(text):
-            window = text[start:end]
-            blank = window.rfind("\n\n", size // 2)  # only in the second half: no slivers
-            newline = window.rfind("\n", size // 2)
-            if blank >= 0:
-                end = start + blank + 2
-            elif newline >= 0:
-                end = start + newline + 1
-        pieces.append(text[start:end])
-        start = end
-    return pieces
+    check_val_fraction(val_fraction)
+    return corpus_from_source(sources.open_source(path, data_format, text_field), str(path), val_fraction)
 
 
 # --- --dataset wikitext2 ----------------------------------------------------------------
@@ -461,23 +288,95 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
+_U64 = np.uint64
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a fast, well-spread hash of 64-bit words (wrapping arithmetic)."""
+    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
+
+
+def permute(positions: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
+    """A pseudo-random permutation of range(n), applied to ``positions`` (int64), without
+    ever holding it: a Feistel network over the smallest power of 4 >= n, cycle-walked
+    back into range. Memory is that of ``positions`` whatever n is, so a corpus of 10^9
+    windows shuffles as cheaply as one of 10^3 (``torch.randperm`` would hold 8 GB)."""
+    half = max(1, ((max(n, 2) - 1).bit_length() + 1) // 2)
+    mask = _U64((1 << half) - 1)
+    keys = _mix(np.arange(rounds, dtype=_U64) + _U64(key & (2**64 - 1)))
+    out = positions.astype(_U64)
+    todo = np.ones(len(out), dtype=bool)
+    while todo.any():  # a cycle from a value in range comes back into range: this ends
+        x = out[todo]
+        left, right = x >> _U64(half), x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & mask)
+        out[todo] = (left << _U64(half)) | right
+        todo[todo] = out[todo] >= n
+    return out.astype(np.int64)
+
+
+class TokenSource(Protocol):
+    """A stream of token ids that need not be in memory: prepared shards, or an array."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, start: int, stop: int) -> np.ndarray: ...
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray: ...
+
+    def chunks(self, size: int) -> Iterator[np.ndarray]: ...
+
+
+class ArrayTokens:
+    """A token stream held in memory (a tensor's numpy view, no copy)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.array[start:stop]
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        return self.array[starts[:, None] + np.arange(length)]  # (b, length)
+
+    def chunks(self, size: int) -> Iterator[np.ndarray]:
+        yield from np.split(self.array, np.arange(size, len(self.array), size))  # views, no copy
+
+
+def as_token_source(tokens: torch.Tensor | TokenSource) -> TokenSource:
+    if not isinstance(tokens, torch.Tensor):
+        return tokens
+    if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex():
+        raise DataError(
+            "token stream must be a 1-D integer tensor, "
+            f"got {tokens.dtype} of shape {tuple(tokens.shape)}"
+        )
+    return ArrayTokens(tokens.cpu().numpy())
+
+
 class TokenBatches:
-    """Next-token batches over one token stream.
+    """Next-token batches over one token stream (a tensor, or prepared shards on disk).
 
     The n tokens are cut into windows of l + 1 tokens with stride l (window w is
     ``tokens[w*l : w*l + l + 1]``), so every token but the first is a target exactly
     once. ``inputs[:, t] == window[t]`` and ``targets[:, t] == window[t + 1]``.
 
     Training (``drop_last``, default: ``shuffle``) drops the last partial window and the
-    last partial batch and reshuffles windows every epoch with a generator seeded from
-    (seed, epoch). Validation (``shuffle=False``) goes in order and keeps the last
-    partial window, its input pads ``pad_id`` and target pads ``IGNORE_INDEX``, and a
-    last smaller batch.
+    last partial batch and reshuffles windows every epoch with a permutation keyed by
+    (seed, epoch) (``permute``: none is ever held in memory). Validation (``shuffle=False``)
+    goes in order and keeps the last partial window, its input pads ``pad_id`` and target
+    pads ``IGNORE_INDEX``, and a last smaller batch. Only a batch's own windows are read.
     """
 
     def __init__(
         self,
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | TokenSource,
         batch_size: int,
         seq_len: int,
         seed: int = 0,
@@ -490,30 +389,18 @@ class TokenBatches:
             raise DataError(f"--batch-size {batch_size}: must be a positive integer")
         if seq_len < 1:
             raise DataError(f"--sequence-length {seq_len}: must be a positive integer")
-        if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex():
-            raise DataError(
-                "token stream must be a 1-D integer tensor, "
-                f"got {tokens.dtype} of shape {tuple(tokens.shape)}"
-            )
-        self.tokens = tokens
+        self.tokens = as_token_source(tokens)
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.seed = seed
         self.shuffle = shuffle
         self.pad_id = pad_id
         self.drop_last = shuffle if drop_last is None else drop_last
-        n = tokens.numel()
+        n = len(self.tokens)
         self.num_full = max(n - 1, 0) // seq_len
         self.tail = max(n - 1, 0) - self.num_full * seq_len  # targets in the partial window
         self.num_windows = self.num_full + (self.tail > 0 and not self.drop_last)
         self._check_enough(n)
-        full = (
-            tokens[: self.num_full * seq_len + 1]
-            if self.num_full
-            else tokens.new_zeros(seq_len + 1)
-        )
-        self._full = full.unfold(0, seq_len + 1, seq_len)[: self.num_full]  # (w, l+1), a view
-        self._order_cache: tuple[int, torch.Tensor] | None = None
 
     def _check_enough(self, n: int) -> None:
         b, length = self.batch_size, self.seq_len
@@ -540,39 +427,50 @@ class TokenBatches:
         return math.ceil(self.num_windows / self.batch_size)
 
     def order(self, epoch: int) -> torch.Tensor:
-        """The window ids of ``epoch`` in visiting order (w,)."""
+        """The window ids of ``epoch`` in visiting order (w,); built whole, for inspection:
+        batches compute only their own slice of it."""
+        return torch.from_numpy(self._ids(epoch, 0, self.num_windows))
+
+    def _ids(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        positions = np.arange(start, min(stop, self.num_windows), dtype=np.int64)
         if not self.shuffle:
-            return torch.arange(self.num_windows)
-        if self._order_cache is None or self._order_cache[0] != epoch:
-            g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
-            self._order_cache = (epoch, torch.randperm(self.num_windows, generator=g))
-        return self._order_cache[1]
+            return positions
+        return permute(positions, self.num_windows, _epoch_seed(self.seed, epoch))
+
+    def _batch_ids(self, epoch: int, index: int) -> np.ndarray:
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} out of range: an epoch has {len(self)} batches")
+        return self._ids(epoch, index * self.batch_size, (index + 1) * self.batch_size)
 
     def window_ids(self, epoch: int, index: int) -> list[int]:
         """The windows batch ``index`` of ``epoch`` is made of; window w holds tokens
         ``w * l`` to ``w * l + l`` of the stream."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"batch {index} out of range: an epoch has {len(self)} batches")
-        return self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+        return self._batch_ids(epoch, index).tolist()
 
     def get(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``index`` of ``epoch``: (inputs (b, l), targets (b, l)), both int64."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"batch {index} out of range: an epoch has {len(self)} batches")
-        ids = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]  # (b,)
+        ids = self._batch_ids(epoch, index)  # (b,)
         full = ids < self.num_full
-        if bool(full.all()):  # CPU tensor, no device sync
-            windows = self._full[ids].long()  # (b, l+1)
+        length = self.seq_len
+        if full.all():
+            windows = torch.from_numpy(self._windows(ids))  # (b, l+1)
             return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
-        inputs = torch.full((len(ids), self.seq_len), self.pad_id, dtype=torch.long)  # (b, l)
-        targets = torch.full((len(ids), self.seq_len), IGNORE_INDEX, dtype=torch.long)  # (b, l)
-        windows = self._full[ids[full]].long()
-        inputs[full], targets[full] = windows[:, :-1], windows[:, 1:]
-        tail = self.tokens[self.num_full * self.seq_len :].long()  # (tail + 1,)
-        row = int((~full).nonzero()[0, 0])
+        inputs = torch.full((len(ids), length), self.pad_id, dtype=torch.long)  # (b, l)
+        targets = torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long)  # (b, l)
+        mask = torch.from_numpy(full)
+        windows = torch.from_numpy(self._windows(ids[full]))
+        inputs[mask], targets[mask] = windows[:, :-1], windows[:, 1:]
+        start = self.num_full * length
+        tail = torch.from_numpy(self.tokens.read(start, start + self.tail + 1).astype(np.int64))  # (tail + 1,)
+        row = int(np.flatnonzero(~full)[0])
         inputs[row, : self.tail] = tail[:-1]
         targets[row, : self.tail] = tail[1:]
         return inputs, targets
+
+    def _windows(self, ids: np.ndarray) -> np.ndarray:
+        if not len(ids):
+            return np.zeros((0, self.seq_len + 1), dtype=np.int64)
+        return self.tokens.windows(ids * self.seq_len, self.seq_len + 1).astype(np.int64)
 
     def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start, start + 1, ...`` of ``epoch``: resuming at ``start`` gives
@@ -581,6 +479,34 @@ class TokenBatches:
             raise IndexError(f"start {start} out of range: an epoch has {len(self)} batches")
         for index in range(start, len(self)):
             yield self.get(epoch, index)
+
+
+def token_counts(tokens: TokenSource, vocab_size: int, chunk: int = 1 << 22) -> np.ndarray:
+    """How often each id occurs in ``tokens``, read a chunk at a time (vocab_size,) int64."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for part in tokens.chunks(chunk):
+        if len(part) and int(part.max()) >= vocab_size:
+            raise DataError(f"--vocab-size {vocab_size}: token ids reach {int(part.max())}; "
+                            "the vocabulary is too small")
+        counts += np.bincount(part, minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def unigram_from_counts(counts: np.ndarray) -> float:
+    """``unigram_loss`` of a stream with these token counts."""
+    total = int(counts.sum())
+    if total == 0:
+        raise DataError("unigram loss of an empty token stream: give more validation text")
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def mode_accuracy_from_counts(counts: np.ndarray, first: int) -> float:
+    """Next-token accuracy of always guessing the most frequent target, from the counts
+    of a whole stream whose first token (never a target) is ``first``."""
+    targets = counts.copy()
+    targets[first] -= 1
+    return float(targets.max()) / max(int(targets.sum()), 1)
 
 
 def unigram_loss(tokens: torch.Tensor, vocab_size: int, ignore_index: int = IGNORE_INDEX) -> float:

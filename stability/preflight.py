@@ -26,6 +26,7 @@ from stability.checkpoint import CheckpointDir, recover_dirs
 from stability.config import ConfigError, RunSpec, TrainConfig
 from stability.distributed import Dist, barrier, broadcast, device_of, main_first
 from stability.faults import Fault, parse_faults
+from stability.shards import corpus_mismatch
 
 # what a run writes in --output-dir: --overwrite deletes these, and nothing else
 RUN_FILES = ("metrics.jsonl", "config.json", "tokenizer.json", "quarantine.jsonl", "report.json", "report.png",
@@ -297,7 +298,7 @@ def check_resume(ckpt: dict[str, Any], spec: RunSpec, fingerprint: str, world: i
         if was != now:
             problems.append(f"--{name.replace('_', '-')}: checkpoint has {was!r}, this command {now!r}")
     if not problems and ckpt["run"]["corpus"] != fingerprint:
-        problems.append("the training text changed since the checkpoint (corpus fingerprint differs)")
+        problems.append(corpus_mismatch(ckpt["run"]["corpus"]))
     if problems:
         raise BadInput("--resume: this command does not continue the run in --output-dir:\n  - "
                        + "\n  - ".join(problems) + "\nresume with the flags the run started with")

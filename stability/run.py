@@ -92,9 +92,9 @@ class Run:
         checked = check_run(spec, d)  # exit 2 for what is wrong, before anything is built or written
         self.device, self.amp_dtype, self.checkpoints = checked.device, checked.amp_dtype, checked.checkpoints
         self.out = self.checkpoints.root.parent
-        # rank 0 trains the tokenizer and fills the token caches; the others then read them
+        # rank 0 prepares the corpus into the cache (tokenizer, shards); the others then map them
         self.tokenizer, corpus, tasks = main_first(d, lambda: prepare_data(spec, self._say), (DataError, BadInput))
-        self.fingerprint = corpus.fingerprint()
+        self.fingerprint, self.data_summary = corpus.fingerprint(), corpus.summary()
         self.spec = spec = replace(spec, model=replace(spec.model, vocab_size=self.tokenizer.vocab_size))
         resumed = load_for_resume(self.checkpoints, self._say) if t.resume else None
         if resumed is not None:
@@ -111,6 +111,7 @@ class Run:
         if d.main:  # lsnn sample / eval / export read them
             tok = {"name": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size}
             write_run_config(self.out, spec, tokenizer=tok, tasks=[x.name for x in tasks], corpus=self.fingerprint,
+                             data=self.data_summary,  # the prepared corpus: where, from what, the tokenizer's sample
                              device=str(self.device), precision=_PRECISION[self.amp_dtype],
                              distributed={"mode": d.mode, "world": d.world})
             save_tokenizer(self.tokenizer, self.out)

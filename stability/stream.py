@@ -22,24 +22,18 @@ file paths for --data) so a skipped or quarantined batch can be found.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from stability.atomic import atomic_write
-from stability.config import RunSpec, TrainConfig
+from stability.config import RunSpec
 from stability.continual import ReplayBuffer
-from stability.data import Corpus, TokenBatches, load_corpus, unigram_loss
-from stability.tokenizers import (
-    Tokenizer,
-    bpe_cache_path,
-    default_cache_dir,
-    encode_documents_with_offsets,
-    load_tokenizer,
-)
+from stability.data import TokenBatches
+from stability.shards import PreparedCorpus, baselines, doc_offsets, load_prepared, progress_bar, task_tokens, \
+    task_views
+from stability.tokenizers import Tokenizer
 
 
 @dataclass(frozen=True, order=True)
@@ -61,8 +55,8 @@ class TaskData:
     val: TokenBatches
     unigram: float  # loss of predicting the validation split's own token frequencies
     unigram_acc: float  # accuracy of always predicting its most frequent token
-    sources: list[str] = field(default_factory=list)  # the training documents, in stream order
-    offsets: list[int] = field(default_factory=list)  # the token where each of them starts
+    sources: Sequence[str] = field(default_factory=list)  # the training documents, in stream order
+    offsets: Sequence[int] = field(default_factory=list)  # the token where each of them starts
 
 
 # --- building the tasks, all of it before anything is written ------------------------------
@@ -74,53 +68,24 @@ def _mode_accuracy(tokens: torch.Tensor) -> float:
     return float(torch.bincount(targets).max()) / max(targets.numel(), 1)
 
 
-def _encode_cached(tokenizer: Tokenizer, corpus: Corpus, split: str, cache_dir: Path,
-                   say: Callable[[str], None]) -> tuple[torch.Tensor, list[int]]:
-    """A split's token stream and document offsets, from the cache or encoded and cached."""
-    docs = corpus.train if split == "train" else corpus.val
-    key = f"v2-{tokenizer.name}-{tokenizer.vocab_size}-{corpus.fingerprint()[:32]}-{split}"
-    path = cache_dir / "tokens" / f"{key}.pt"
-    if path.exists():
-        cached = torch.load(path, weights_only=True)
-        return cached["tokens"], cached["offsets"].tolist()
-    chars = sum(len(d.text) for d in docs)
-    if chars > 1_000_000:
-        say(f"encoding the {split} split of {corpus.name} ({chars / 1e6:.1f} M characters; cached for next time)")
-    tokens, offsets = encode_documents_with_offsets(tokenizer, docs)
-    dtype = torch.int32 if tokenizer.vocab_size < 2**31 else torch.int64
-    atomic_write(path, lambda f: torch.save({"tokens": tokens.to(dtype), "offsets": torch.tensor(offsets)}, f))
-    return tokens, offsets
-
-
-def source_name(train: TrainConfig, path: str) -> str:
-    """What a user can open: the file under --data, or the embedded corpus' document name."""
-    if train.data is None:
-        return path
-    root = Path(train.data)
-    return str(root / path) if root.is_dir() else str(root.parent / path)
-
-
 def prepare_data(spec: RunSpec, say: Callable[[str], None] = lambda text: None
-                 ) -> tuple[Tokenizer, Corpus, list[TaskData]]:
-    """The tokenizer, the corpus and its tasks (one without --continual-learning);
-    ``say`` tells what takes long the first time (training the tokenizer, encoding)."""
+                 ) -> tuple[Tokenizer, PreparedCorpus, list[TaskData]]:
+    """The tokenizer, the prepared corpus (``stability.shards``; prepared into the cache on
+    first use, which ``say`` announces) and its tasks (one without --continual-learning),
+    each reading its memory-mapped shards."""
     t = spec.train
-    corpus = load_corpus(t.data, t.dataset, t.val_fraction)
-    cache_dir = default_cache_dir()
-    if t.tokenizer == "bpe" and not bpe_cache_path(corpus, t.vocab_size, cache_dir).exists():
-        say(f"training the bpe tokenizer ({t.vocab_size} tokens) on the training split of {corpus.name} "
-            f"({corpus.num_chars()[0] / 1e6:.1f} M characters; cached for next time)")
-    tokenizer = load_tokenizer(t.tokenizer, corpus, t.vocab_size, cache_dir)
-    parts = corpus.partition(spec.num_tasks) if spec.num_tasks > 1 else [corpus]
+    corpus = load_prepared(t, say, bar=progress_bar(t.progress))
+    tok = corpus.tokenizer
     tasks = []
-    for i, part in enumerate(parts):
-        train_tokens, offsets = _encode_cached(tokenizer, part, "train", cache_dir, say)
-        val_tokens, _ = _encode_cached(tokenizer, part, "val", cache_dir, say)
+    for i, view in enumerate(task_views(corpus, spec.num_tasks)):
+        train_tokens = task_tokens(corpus, "train", view.train_docs)
+        val_tokens = task_tokens(corpus, "val", view.val_docs)
         train = TokenBatches(train_tokens, t.batch_size, t.sequence_length, seed=t.seed + i)
-        val = TokenBatches(val_tokens, t.batch_size, t.sequence_length, shuffle=False, pad_id=tokenizer.pad_id)
-        tasks.append(TaskData(part.name, train, val, unigram_loss(val_tokens, tokenizer.vocab_size),
-                              _mode_accuracy(val_tokens), [source_name(t, d.path) for d in part.train], offsets))
-    return tokenizer, corpus, tasks
+        val = TokenBatches(val_tokens, t.batch_size, t.sequence_length, shuffle=False, pad_id=tok.pad_id)
+        unigram, unigram_acc = baselines(val_tokens, tok.vocab_size)
+        tasks.append(TaskData(view.name, train, val, unigram, unigram_acc, corpus.names("train", view.train_docs),
+                              doc_offsets(corpus, view.train_docs)))
+    return tok, corpus, tasks
 
 
 # --- the stream ---------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Tokenizers behind one small interface: byte-level BPE (default), bytes, tiktoken's.
 
 ``--tokenizer bpe`` trains a byte-level BPE with the Rust ``tokenizers`` library on the
-corpus' TRAINING split only and caches it on disk under the corpus fingerprint, so a
-second run loads it without training. ``gpt2`` and ``o200k`` need tiktoken and its
+corpus' TRAINING split only: training runs give it a bounded sample of that split
+(``stability.prepare``) and keep it in the prepared corpus; ``bpe_tokenizer`` trains one on
+an in-memory corpus and caches it on disk under the corpus fingerprint. ``gpt2`` and ``o200k`` need tiktoken and its
 encoding files already in tiktoken's cache: the cache is checked before tiktoken is
 called, so nothing here ever reaches the network.
 """
@@ -18,14 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
 from stability.atomic import atomic_write
-from stability.data import Corpus, DataError, Document
+from stability.sources import DataError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # this module imports no torch: lsnn prepare's workers load it
     import tiktoken
     import tokenizers
+    import torch
+
+    from stability.data import Corpus, Document
 
 TOKENIZERS: tuple[str, ...] = ("bpe", "byte", "gpt2", "o200k")
 """Kinds accepted by ``--tokenizer``; ``bpe`` is the default."""
@@ -185,6 +188,8 @@ def encode_documents(tokenizer: Tokenizer, docs: Sequence[Document]) -> torch.Te
 
 def encode_documents_with_offsets(tokenizer: Tokenizer, docs: Sequence[Document]) -> tuple[torch.Tensor, list[int]]:
     """The stream of ``encode_documents`` and the token at which each document starts."""
+    import torch
+
     parts = [np.zeros(0, dtype=np.int64)]
     offsets, n = [], 0
     texts = [d.text for d in docs]
@@ -196,6 +201,22 @@ def encode_documents_with_offsets(tokenizer: Tokenizer, docs: Sequence[Document]
             parts.append(np.asarray(ids, dtype=np.int64))
             parts.append(np.array([tokenizer.eos_id], dtype=np.int64))
     return torch.from_numpy(np.concatenate(parts)), offsets  # (n,)
+
+
+def tokenizer_spec(tokenizer: Tokenizer) -> tuple[str, str]:
+    """What rebuilds ``tokenizer`` in another process: (kind, the BPE's JSON or "")."""
+    if isinstance(tokenizer, BPETokenizer):
+        return "bpe", tokenizer.tok.to_str()
+    return tokenizer.name, ""
+
+
+def tokenizer_from_spec(spec: tuple[str, str], path: Path = Path("tokenizer.json")) -> Tokenizer:
+    kind, text = spec
+    if kind == "bpe":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return BPETokenizer(HFTokenizer.from_str(text), path, from_cache=True)
+    return load_tokenizer(kind, None)
 
 
 # --- a tokenizer saved beside a run or an exported model --------------------------------

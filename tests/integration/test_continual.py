@@ -33,8 +33,11 @@ def two_domains(tmp_path_factory) -> Path:
 
 
 def _forgetting(tmp_path, data, name, *extra) -> float:
+    # 200 steps a task: after 100, task 1 was barely below its unigram baseline, so its
+    # "forgetting" was noise that hung on the order of the windows (seeds 1-3 of the shuffle
+    # broke the EWC assertion); after 200 it has learnt something to forget (3 of 3 seeds hold)
     out = tmp_path / name
-    assert run_cli(["--data", str(data), *FAST, *TINY_MODEL, *CONTINUAL, "--max-steps", "100", "--log-every", "50",
+    assert run_cli(["--data", str(data), *FAST, *TINY_MODEL, *CONTINUAL, "--max-steps", "200", "--log-every", "50",
                     "--output-dir", str(out), *extra]) == 0
     (_, last) = records(out, "task")
     return last["forgetting"]

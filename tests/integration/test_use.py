@@ -57,6 +57,22 @@ def test_eval_reproduces_the_runs_own_validation(trained, capsys):
     assert code == 0 and "perplexity" in text and "in 2 batches" in text
 
 
+def test_eval_on_a_prepared_directory_reads_its_validation_split(trained, corpus, tmp_path, capsys):
+    prepared = tmp_path / "prepared"
+    assert main(["prepare", str(corpus), str(prepared), "--tokenizer", "byte"]) == 0
+    capsys.readouterr()
+    own = json.loads(_run(capsys, "eval", str(trained), "--json")[1])
+    code, out, _ = _run(capsys, "eval", str(trained), "--data", str(prepared), "--json")
+    result = json.loads(out)
+    assert code == 0 and result["data"] == f"validation split of --data {prepared}"
+    assert result["loss"] == own["loss"] and result["documents"] == own["documents"]
+    other = tmp_path / "other"
+    assert main(["prepare", str(corpus), str(other), "--tokenizer", "bpe", "--vocab-size", "300"]) == 0
+    capsys.readouterr()
+    code, _, err = _run(capsys, "eval", str(trained), "--data", str(other))
+    assert code == 2 and "prepared with another tokenizer than the run's" in err
+
+
 def test_export_loads_with_from_pretrained(trained, tmp_path, capsys):
     code, out, _ = _run(capsys, "export", str(trained), str(tmp_path / "export"))
     assert code == 0 and "model.safetensors" in out

@@ -9,13 +9,14 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stability import data
+from stability import data, sources
 from stability.data import (
     IGNORE_INDEX,
     Corpus,
@@ -133,7 +134,7 @@ def test_stdlib_walk_skips_excluded_dirs_and_undecodable_files(tmp_path, monkeyp
         write(tmp_path / rel, "excluded = True\n")
     write(tmp_path / "latin1.py", "caf\xe9 = 1\n".encode("latin-1"))
     write(tmp_path / "nul.py", b"x = 1\x00\n")
-    monkeypatch.setattr(data, "stdlib_root", lambda: tmp_path)
+    monkeypatch.setattr(sources, "stdlib_root", lambda: tmp_path)
     corpus = stdlib_corpus(val_fraction=0.5)
     assert sorted(all_paths(corpus)) == [
         "email/mime/text.py",
@@ -277,8 +278,8 @@ def test_partition_names_tasks_by_domain_and_truncates():
     ]
     corpus = Corpus("c", docs[1:4] + docs[5:], [docs[0], docs[4]])
     assert [t.name for t in corpus.partition(2)] == ["task 1: asyncio", "task 2: email"]
-    assert data._task_label(0, [f"domain{i}" for i in range(30)]).endswith(", ...")
-    assert len(data._task_label(0, [f"domain{i}" for i in range(30)])) <= data._TASK_LABEL_CHARS
+    assert data.task_label(0, [f"domain{i}" for i in range(30)]).endswith(", ...")
+    assert len(data.task_label(0, [f"domain{i}" for i in range(30)])) <= data._TASK_LABEL_CHARS
 
 
 def test_partition_of_a_data_directory_groups_by_top_level_directory(tmp_path):
@@ -534,3 +535,52 @@ def test_unigram_loss_of_real_validation_text_is_below_ln_vocab(stdlib):
 def test_unigram_loss_with_ids_outside_the_vocabulary_raises():
     with pytest.raises(DataError, match="--vocab-size 4: token ids span 0..9"):
         unigram_loss(torch.arange(10), vocab_size=4)
+
+
+# --- the shuffle ----------------------------------------------------------------------------
+
+
+@given(st.integers(1, 3000), st.integers(0, 2**63 - 1))
+def test_permute_is_a_bijection_of_range_n(n, key):
+    out = data.permute(np.arange(n), n, key)
+    assert sorted(out.tolist()) == list(range(n))
+
+
+def test_permute_of_a_slice_is_the_slice_of_the_permutation_and_depends_on_the_key():
+    whole = data.permute(np.arange(5000), 5000, 7)
+    assert np.array_equal(data.permute(np.arange(1200, 1300), 5000, 7), whole[1200:1300])
+    assert not np.array_equal(data.permute(np.arange(5000), 5000, 8), whole)
+    assert abs(np.corrcoef(np.arange(5000), whole)[0, 1]) < 0.05  # no trace of the order left
+
+
+class _Huge:
+    """A stream of 10^10 tokens that exists only where it is read: token i is i % 1000."""
+
+    def __len__(self) -> int:
+        return 10**10
+
+    def windows(self, starts, length):
+        return (starts[:, None] + np.arange(length)) % 1000
+
+    def read(self, start, stop):
+        return np.arange(start, stop) % 1000
+
+
+def test_batches_of_a_stream_of_ten_billion_tokens_hold_no_order_in_memory():
+    batches = TokenBatches(_Huge(), batch_size=8, seq_len=100, seed=1)
+    ids = batches.window_ids(3, 123_456)
+    assert len(set(ids)) == 8 and all(0 <= w < batches.num_windows for w in ids)
+    x, y = batches.get(3, 123_456)
+    assert x[:, 0].tolist() == [w * 100 % 1000 for w in ids] and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_baselines_from_counts_read_a_chunk_at_a_time_equal_those_of_the_whole_stream():
+    from stability.stream import _mode_accuracy
+
+    tokens = torch.randint(0, 50, (10_001,), generator=torch.Generator().manual_seed(2))
+    counts = data.token_counts(data.ArrayTokens(tokens.numpy()), 64, chunk=999)
+    assert counts.sum() == 10_001 and counts[50:].sum() == 0
+    assert data.unigram_from_counts(counts) == pytest.approx(unigram_loss(tokens, 64), rel=1e-12)
+    assert data.mode_accuracy_from_counts(counts, int(tokens[0])) == pytest.approx(_mode_accuracy(tokens), rel=1e-12)
+    with pytest.raises(DataError, match="--vocab-size 40: token ids reach 49"):
+        data.token_counts(data.ArrayTokens(tokens.numpy()), 40)
