@@ -12,8 +12,10 @@ Environment variables widen the runs (``scripts/gpu-check`` sets the first two o
 ``LSNN_BENCH_SCAN_IMPLS=parallel,triton`` times the hybrid with each named selective-scan
 implementation (default: auto only); ``LSNN_BENCH_LOOP_IMPLS=torch,triton`` with each named
 implementation of the CfC's and the LIF's loops (``--cfc-impl``/``--lif-impl``; default: auto
-only); ``LSNN_BENCH_THREADS=1`` sets torch's (and so the
-numba kernel's) thread count, for a machine whose cores other jobs share.
+only); ``LSNN_BENCH_CUDA_GRAPHS=off,on`` eager and with ``--cuda-graphs`` (the hybrid's
+step replayed from a CUDA graph; the Transformer stays eager, as its users run it; default:
+off); ``LSNN_BENCH_THREADS=1`` sets torch's (and so the numba kernel's) thread count, for a
+machine whose cores other jobs share.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from model import HybridLM, ModelConfig
 from model.loss import linear_cross_entropy
 from stability.cli import PHASES
 from stability.config import GuardConfig, PlasticityConfig, TrainConfig
+from stability.cuda_graphs import GraphedSteps
 from stability.trainer import Trainer, lm_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 AMP = os.environ.get("LSNN_BENCH_AMP", "")
 SCAN_IMPLS = [s for s in os.environ.get("LSNN_BENCH_SCAN_IMPLS", "auto").split(",") if s]
 LOOP_IMPLS = [s for s in os.environ.get("LSNN_BENCH_LOOP_IMPLS", "auto").split(",") if s]
+GRAPHS = [s for s in os.environ.get("LSNN_BENCH_CUDA_GRAPHS", "off").split(",") if s]
 THREADS = int(os.environ.get("LSNN_BENCH_THREADS", "0"))
 
 
@@ -124,17 +128,19 @@ def _amp(train: TrainConfig) -> torch.dtype | None:
 
 
 def hybrid_step(phase: int, guard: bool = True, scan_impl: str = "auto", length: int | None = None,
-                loop_impl: str = "auto"):
+                loop_impl: str = "auto", graphs: bool = False):
     model_cfg, train, plasticity = phase_configs(phase, length)
     model_cfg = dataclasses.replace(model_cfg, scan_impl=scan_impl, cfc_impl=loop_impl, lif_impl=loop_impl)
+    train = dataclasses.replace(train, cuda_graphs=graphs)
     torch.manual_seed(0)
     model = HybridLM(model_cfg).to(DEVICE)
     trainer = Trainer(model, train, GuardConfig(guard=guard), DEVICE, total_steps=10_000, amp_dtype=_amp(train),
                       plasticity_cfg=plasticity)
+    stepper = GraphedSteps(trainer) if graphs else trainer  # the warm-ups before timing capture the graph
     batch = _batch(train)
 
     def step():
-        trainer.train_step([batch])
+        stepper.train_step([batch])
         _sync()
 
     return step, train
@@ -235,23 +241,30 @@ def peak_step_memory(step) -> int:
     return max(sum(s) for s in sizes)
 
 
+@pytest.mark.parametrize("graphs", GRAPHS)
 @pytest.mark.parametrize("loop_impl", LOOP_IMPLS)
 @pytest.mark.parametrize("scan_impl", SCAN_IMPLS)
 @pytest.mark.parametrize("phase", [1, 2, 3, 4])
-def test_paired_ratio(benchmark, phase, scan_impl, loop_impl):
+def test_paired_ratio(benchmark, phase, scan_impl, loop_impl, graphs):
     """Hybrid step / Transformer step at the phase's shape, paired round by round; the two
     steps' peak memory; their counted FLOPs (matrix products, convolutions, attention;
     ``benchmarks.flops``), whose ratio is the time ratio the hybrid would have if both ran
     their products equally fast and the rest (the scan, the recurrences) cost nothing."""
+    if graphs == "on" and DEVICE.type != "cuda":
+        pytest.skip("--cuda-graphs needs CUDA")
     benchmark.group = (f"phase {phase}, paired" + ("" if scan_impl == "auto" else f", scan {scan_impl}")
-                       + ("" if loop_impl == "auto" else f", loops {loop_impl}"))
-    hybrid, train = hybrid_step(phase, scan_impl=scan_impl, loop_impl=loop_impl)
+                       + ("" if loop_impl == "auto" else f", loops {loop_impl}")
+                       + ("" if graphs == "off" else ", cuda graphs"))
+    hybrid, train = hybrid_step(phase, scan_impl=scan_impl, loop_impl=loop_impl, graphs=graphs == "on")
     transformer, _ = transformer_step(phase)
     q1, median, q3 = bench_paired(benchmark, hybrid, transformer, rounds=PAIRED_ROUNDS[phase])
     mem_h, mem_t = peak_step_memory(hybrid), peak_step_memory(transformer)
-    flop_h, flop_t = count_flops(hybrid)["total"], count_flops(transformer)["total"]
+    # a replay runs no aten op to count: the eager step's FLOPs are the graph's
+    flop_h = count_flops(hybrid_step(phase, scan_impl=scan_impl, loop_impl=loop_impl)[0] if graphs == "on"
+                         else hybrid)["total"]
+    flop_t = count_flops(transformer)["total"]
     benchmark.extra_info.update(
-        gflop_hybrid=flop_h / 1e9, gflop_transformer=flop_t / 1e9, flop_ratio=flop_h / flop_t,
+        gflop_hybrid=flop_h / 1e9, gflop_transformer=flop_t / 1e9, flop_ratio=flop_h / flop_t, cuda_graphs=graphs,
         hybrid_over_transformer_median=median, quartiles=[q1, q3], amp=AMP or "off", **machine(),
         tokens_per_step=train.batch_size * train.sequence_length, scan_impl=scan_impl, loop_impl=loop_impl,
         peak_mb_hybrid=mem_h / 2**20, peak_mb_transformer=mem_t / 2**20, peak_memory_ratio=mem_h / mem_t,

@@ -47,7 +47,7 @@ def _tests(out: Path) -> dict | None:
 def _benchmarks(out: Path) -> list[dict] | None:
     """The rows of every phase's benchmark JSON (bench-phaseN.json), in phase order; None
     where no phase wrote one."""
-    paths = sorted(out.glob("bench-phase*.json"))
+    paths = sorted(out.glob("bench-phase*.json")) + sorted(out.glob("bench-scans.json"))
     if not paths:
         return None
     rows = []
@@ -60,7 +60,7 @@ def _benchmarks(out: Path) -> list[dict] | None:
             "peak_mb_hybrid": info.get("peak_mb_hybrid"), "peak_mb_transformer": info.get("peak_mb_transformer"),
             "peak_memory_ratio": info.get("peak_memory_ratio"), "amp": info.get("amp"),
             "flop_ratio": info.get("flop_ratio"), "scan_impl": info.get("scan_impl"),
-            "loop_impl": info.get("loop_impl"),
+            "loop_impl": info.get("loop_impl"), "cuda_graphs": info.get("cuda_graphs"),
         })
     return rows
 

@@ -119,7 +119,7 @@ def test_resuming_a_checkpoint_from_before_prepared_corpora_exits_2_saying_what_
     assert run_cli([*common, "--max-steps", "2", "--output-dir", str(out)]) == 0
     last = out / "checkpoints" / "last.pt"
     state = load_checkpoint(last)
-    state["corpus"] = "0f" * 32  # what an lsnn that hashed the text in memory wrote
+    state["run"]["corpus"] = "0f" * 32  # what an lsnn that hashed the text in memory wrote
     save_checkpoint(last, state, state["trainer"]["model"])
     capsys.readouterr()
     assert run_cli([*common, "--max-steps", "4", "--output-dir", str(out), "--resume"]) == 2

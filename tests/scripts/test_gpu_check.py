@@ -35,6 +35,8 @@ def test_dry_run_lists_every_step_and_writes_the_summary(tmp_path):
         "-m pytest -m gpu",
         "LSNN_BENCH_AMP=bf16",
         "LSNN_BENCH_LOOP_IMPLS=torch,triton",  # the CfC's and the LIF's torch loops beside their kernels
+        "LSNN_BENCH_CUDA_GRAPHS=off,on",  # each eager and replayed from a CUDA graph
+        f"--benchmark-json={out}/bench-scans.json",
         *(f"benchmarks/test_phases.py::test_paired_ratio --benchmark-only -k test_paired_ratio and [{p}- -q "
           f"-p no:cacheprovider --benchmark-json={out}/bench-phase{p}.json" for p in (1, 2, 3, 4)),
         "train --phase 1 --max-steps 200 --device cuda --output-dir",
@@ -45,7 +47,7 @@ def test_dry_run_lists_every_step_and_writes_the_summary(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] is True
     assert [s["name"] for s in summary["steps"]] == ["gpu-tests", *(f"bench-phase{p}" for p in (1, 2, 3, 4)),
-                                                     "train", "drill"]
+                                                     "bench-scans", "train", "drill"]
     assert {s["status"] for s in summary["steps"]} == {"dry-run"}
     assert summary["environment"]["torch"] == torch.__version__
     assert "dry run: nothing was run" in (out / "summary.md").read_text()
