@@ -494,6 +494,7 @@ def test_sequence_functions_agree_with_layer_dispatch():
                                         ("triton", "triton_kernel")])
 def test_cfc_impl_picks_where_the_layers_loops_run(impl, loops, monkeypatch):
     """--cfc-impl reaches the scan: the asked implementation's loops run, forward and backward."""
+    fns = ("cfc_scan_forward", "cfc_scan_backward") if impl == "triton" else ("cfc_forward", "cfc_backward")
     from model.ops import numba_support, triton_support
 
     if impl == "numba" and not numba_support.available():
@@ -502,13 +503,13 @@ def test_cfc_impl_picks_where_the_layers_loops_run(impl, loops, monkeypatch):
         pytest.skip("Triton compiles in this process: the gpu tests cover it")
     module = importlib.import_module(f"model.ops.cfc.{loops}")
     calls = []
-    for fn in ("cfc_forward", "cfc_backward"):
+    for fn in fns:
         monkeypatch.setattr(module, fn, lambda *a, real=getattr(module, fn), fn=fn: calls.append(fn) or real(*a))
     layer = LiquidLayer.from_config(ModelConfig(liquid_units=8, liquid_backbone_units=16, cfc_impl=impl), 6)
     assert layer.cfc_impl == impl
     y, _ = layer(torch.randn(2, 5, 6))
     y.sum().backward()
-    assert calls == ["cfc_forward", "cfc_backward"]
+    assert calls == list(fns)
 
 
 def test_unknown_cfc_impl_names_the_valid_ones():

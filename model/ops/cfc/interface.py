@@ -17,12 +17,14 @@ so one sigmoid serves the three heads and h = 2 m - 1 folds into the weights. Th
 time-major (l b ...) so every per-token slice is contiguous; the backward is the reverse
 loop over the saved activations, with the weight gradients batched over tokens, then
 chained back through the folding by hand. Everything but the two loops is shared by the
-implementations (``CFC_IMPLS``):
+numba and torch implementations; the Triton kernels fold the weights and chain the
+gradients themselves, so that op is one launch forward, and one and three products
+backward (``CFC_IMPLS``):
 
 - ``numba``: the loops compiled for the CPU, each thread whole rows of the batch
   (``numba_kernel``; fp32 and fp64);
-- ``triton``: each loop one Triton kernel for the whole sequence (``triton_kernel``; CUDA,
-  or the CPU under TRITON_INTERPRET=1; fp32, up to 128 units);
+- ``triton``: one Triton kernel each way for the whole sequence, the folding inside it
+  (``triton_kernel``; CUDA, or the CPU under TRITON_INTERPRET=1; fp32, up to 128 units);
 - ``torch``: torch kernels a token, any device and dtype (``torch_loop``);
 - ``auto``: numba on the CPU, triton on CUDA where Triton imports, else torch.
 
@@ -49,12 +51,15 @@ _warned: set[str] = set()
 
 
 def _kernels(impl: str):
-    """The module whose ``cfc_forward``/``cfc_backward`` run the loops for a resolved ``impl``."""
-    if impl == "triton":
-        from model.ops.cfc import triton_kernel
-
-        return triton_kernel
+    """The module whose ``cfc_forward``/``cfc_backward`` run the loops for a resolved ``impl``
+    (numba or torch; the Triton kernels take the whole op, folding included)."""
     return numba_kernel if impl == "numba" else torch_loop
+
+
+def _triton():
+    from model.ops.cfc import triton_kernel
+
+    return triton_kernel
 
 
 def _warn_once(reason: str) -> None:
@@ -119,6 +124,8 @@ def _cfc_scan_op(zx: Tensor, h0: Tensor, w_h: Tensor, w_p: Tensor, b_p: Tensor, 
                  scale_out: float, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(h (b l q), last h (b q)) and what the backward reads besides them: acts (l b k) and
     sigs (l b 3q). ``impl`` is resolved (never auto)."""
+    if impl == "triton":  # one launch, the folding inside it
+        return _triton().cfc_scan_forward(zx, h0, w_h, w_p, b_p, scale_in, scale_out)
     b, l, k = zx.shape
     q = h0.shape[1]
     rows = _rows(q, zx)
@@ -139,7 +146,8 @@ def _cfc_scan_op(zx: Tensor, h0: Tensor, w_h: Tensor, w_p: Tensor, b_p: Tensor, 
 def _(zx, h0, w_h, w_p, b_p, scale_in, scale_out, impl):
     b, l, k = zx.shape
     q = h0.shape[1]
-    return zx.new_empty(l, b, q).transpose(0, 1), h0.new_empty(b, q), zx.new_empty(l, b, k), zx.new_empty(l, b, 3 * q)
+    y = zx.new_empty(b, l, q) if impl == "triton" else zx.new_empty(l, b, q).transpose(0, 1)
+    return y, h0.new_empty(b, q), zx.new_empty(l, b, k), zx.new_empty(l, b, 3 * q)
 
 
 @torch.library.custom_op("lsnn::cfc_scan_backward", mutates_args=())
@@ -148,6 +156,8 @@ def _cfc_scan_backward_op(gy: Tensor | None, gh: Tensor | None, h0: Tensor, w_h:
                           impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of zx (b l k), h0 (b q), w_h (k q), w_p (3q k) and b_p (3q) for the
     upstream gy (b l q) and gh (b q) (None: zero), from the forward's h (b l q)."""
+    if impl == "triton":
+        return _triton().cfc_scan_backward(gy, gh, h0, w_h, w_p, y, acts, sigs, scale_in, scale_out)
     l, b, k = acts.shape
     q = h0.shape[1]
     rows = _rows(q, acts)
@@ -175,8 +185,9 @@ def _cfc_scan_backward_op(gy: Tensor | None, gh: Tensor | None, h0: Tensor, w_h:
 @_cfc_scan_backward_op.register_fake
 def _(gy, gh, h0, w_h, w_p, y, acts, sigs, scale_in, scale_out, impl):
     l, b, k = acts.shape
-    return acts.new_empty(l, b, k).transpose(0, 1), torch.empty_like(h0), torch.empty_like(w_h), \
-        torch.empty_like(w_p), w_p.new_empty(w_p.shape[0])
+    d_zx = acts.new_empty(b, l, k) if impl == "triton" else acts.new_empty(l, b, k).transpose(0, 1)
+    return d_zx, h0.new_empty(h0.shape), w_h.new_empty(w_h.shape), w_p.new_empty(w_p.shape), \
+        w_p.new_empty(w_p.shape[0])
 
 
 def _setup_context(ctx, inputs, output) -> None:

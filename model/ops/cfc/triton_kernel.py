@@ -59,47 +59,59 @@ def _tanh(x):
 
 
 @triton.jit
-def _forward(m0_ptr, w_mt_ptr, w_pt_ptr, acts_ptr, sigs_ptr, m_all_ptr, b, l, q, k,
+def _forward(zx_ptr, h0_ptr, wh_ptr, wp_ptr, bp_ptr, y_ptr, last_ptr, acts_ptr, sigs_ptr, b, l, q, k,
+             scale_in, scale_out,
              BLOCK_B: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """acts (l b k) holds zx' and sigs (l b 3q) the bias on entry; on return acts holds a_t,
-    sigs s_t and m_all (l b q) m_t. Padded rows and columns read 0 and are never written."""
+    """The CfC over the sequence from the unfolded arguments (zx (b l k), h0 (b q), w_h (k q),
+    w_p (3q k), b_p (3q)), folding them as ``interface`` says on the way in: writes h (b l q),
+    the last h (b q), and what the backward reads, a_t into acts (l b k) and s_t into sigs
+    (l b 3q). Padded rows and columns read 0 and are never written."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB)
     cq = tl.arange(0, BLOCK_Q)
     ck = tl.arange(0, BLOCK_K)
     on_b, on_q, on_k = rows < b, cq < q, ck < k
     bq = on_b[:, None] & on_q[None, :]  # (BB BQ)
     bk = on_b[:, None] & on_k[None, :]  # (BB BK)
-    # the recurrent weights, once: w_m (q k), and w_p's three heads (k q) each
-    w_m = tl.load(w_mt_ptr + cq[:, None] * k + ck[None, :], mask=on_q[:, None] & on_k[None, :], other=0.0)
-    heads = w_pt_ptr + ck[:, None] * (3 * q) + cq[None, :]
     kq = on_k[:, None] & on_q[None, :]
-    w_1 = tl.load(heads, mask=kq, other=0.0)
-    w_2 = tl.load(heads + q, mask=kq, other=0.0)
-    w_3 = tl.load(heads + 2 * q, mask=kq, other=0.0)
-    m = tl.load(m0_ptr + rows[:, None] * q + cq[None, :], mask=bq, other=0.0)  # (BB BQ), fp32
+    # the folded weights, once: w_m = 2 i w_h^T (q k), the heads' (k q) times (2o, 2o, o)
+    w_ht = tl.load(wh_ptr + ck[None, :] * q + cq[:, None], mask=on_q[:, None] & on_k[None, :], other=0.0)  # (BQ BK)
+    w_m = w_ht * (2 * scale_in)
+    w_h_rows = tl.sum(w_ht, axis=0)  # (BK): zx' = i (zx - w_h 1)
+    heads = wp_ptr + cq[None, :] * k + ck[:, None]  # w_p's rows of one head, transposed: (BK BQ)
+    w_1 = tl.load(heads, mask=kq, other=0.0) * (2 * scale_out)
+    w_2 = tl.load(heads + q * k, mask=kq, other=0.0) * (2 * scale_out)
+    w_3 = tl.load(heads + 2 * q * k, mask=kq, other=0.0) * scale_out
+    b_1 = tl.load(bp_ptr + cq, mask=on_q, other=0.0) * 2
+    b_2 = tl.load(bp_ptr + q + cq, mask=on_q, other=0.0) * 2
+    b_3 = tl.load(bp_ptr + 2 * q + cq, mask=on_q, other=0.0)
+    m = (tl.load(h0_ptr + rows[:, None] * q + cq[None, :], mask=bq, other=0.0) + 1) * 0.5  # (BB BQ)
+    zx_at = zx_ptr + rows[:, None] * (l * k) + ck[None, :]
+    y_at = y_ptr + rows[:, None] * (l * q) + cq[None, :]
     a_at = acts_ptr + rows[:, None] * k + ck[None, :]
     s_at = sigs_ptr + rows[:, None] * (3 * q) + cq[None, :]
-    m_at = m_all_ptr + rows[:, None] * q + cq[None, :]
     for t in range(l):
-        a_t = a_at + t * b * k
-        a = _tanh(tl.load(a_t, mask=bk, other=0.0) + tl.dot(m, w_m, input_precision=PRECISION))  # (BB BK)
-        tl.store(a_t, a, mask=bk)
+        zx_t = (tl.load(zx_at + t * k, mask=bk, other=0.0) - w_h_rows[None, :]) * scale_in
+        a = _tanh(zx_t + tl.dot(m, w_m, input_precision=PRECISION))  # (BB BK)
+        tl.store(a_at + t * b * k, a, mask=bk)
         s_t = s_at + t * b * 3 * q
-        s1 = tl.sigmoid(tl.load(s_t, mask=bq, other=0.0) + tl.dot(a, w_1, input_precision=PRECISION))
-        s2 = tl.sigmoid(tl.load(s_t + q, mask=bq, other=0.0) + tl.dot(a, w_2, input_precision=PRECISION))
-        s3 = tl.sigmoid(tl.load(s_t + 2 * q, mask=bq, other=0.0) + tl.dot(a, w_3, input_precision=PRECISION))
+        s1 = tl.sigmoid(b_1[None, :] + tl.dot(a, w_1, input_precision=PRECISION))
+        s2 = tl.sigmoid(b_2[None, :] + tl.dot(a, w_2, input_precision=PRECISION))
+        s3 = tl.sigmoid(b_3[None, :] + tl.dot(a, w_3, input_precision=PRECISION))
         tl.store(s_t, s1, mask=bq)
         tl.store(s_t + q, s2, mask=bq)
         tl.store(s_t + 2 * q, s3, mask=bq)
         m = s1 + s3 * (s2 - s1)  # lerp(s1, s2, s3)
-        tl.store(m_at + t * b * q, m, mask=bq)
+        tl.store(y_at + t * q, m * 2 - 1, mask=bq)
+    tl.store(last_ptr + rows[:, None] * q + cq[None, :], m * 2 - 1, mask=bq)
 
 
 @triton.jit
-def _backward(w_p_ptr, w_m_ptr, acts_ptr, sigs_ptr, gms_ptr, dp_ptr, dz_ptr, b, l, q, k,
+def _backward(gy_ptr, gh_ptr, wh_ptr, wp_ptr, acts_ptr, sigs_ptr, dzx_ptr, dp_ptr, dh0_ptr, b, l, q, k,
+              scale_in, scale_out, HAS_GH: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """gms (l b q) holds dL/dm_t from the outputs on entry, and is completed with the carry
-    from m_{t+1}; writes dL/dp_t into dp (l b 3q) and dL/d(zx'_t) into dz (l b k)."""
+    """The reverse loop from the upstream gy (b l q) and gh (b q): writes dL/dzx (b l k),
+    dL/dp_t times each head's factor (2, 2, 1) into dp (l b 3q), what the weights' gradients
+    are batched from, and dL/dh0 (b q)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cq = tl.arange(0, BLOCK_Q)
     ck = tl.arange(0, BLOCK_K)
@@ -107,23 +119,24 @@ def _backward(w_p_ptr, w_m_ptr, acts_ptr, sigs_ptr, gms_ptr, dp_ptr, dz_ptr, b, 
     bq = on_b[:, None] & on_q[None, :]
     bk = on_b[:, None] & on_k[None, :]
     qk = on_q[:, None] & on_k[None, :]
-    # w_p (3q k): its three heads (q k) each; w_m (k q)
-    heads = w_p_ptr + cq[:, None] * k + ck[None, :]
-    w_1 = tl.load(heads, mask=qk, other=0.0)
-    w_2 = tl.load(heads + q * k, mask=qk, other=0.0)
-    w_3 = tl.load(heads + 2 * q * k, mask=qk, other=0.0)
-    w_m = tl.load(w_m_ptr + ck[:, None] * q + cq[None, :], mask=on_k[:, None] & on_q[None, :], other=0.0)
-    g_at = gms_ptr + rows[:, None] * q + cq[None, :]
+    # the folded heads (q k) each, and w_m^T = 2 i w_h (k q)
+    heads = wp_ptr + cq[:, None] * k + ck[None, :]
+    w_1 = tl.load(heads, mask=qk, other=0.0) * (2 * scale_out)
+    w_2 = tl.load(heads + q * k, mask=qk, other=0.0) * (2 * scale_out)
+    w_3 = tl.load(heads + 2 * q * k, mask=qk, other=0.0) * scale_out
+    w_m = tl.load(wh_ptr + ck[:, None] * q + cq[None, :], mask=on_k[:, None] & on_q[None, :], other=0.0) \
+        * (2 * scale_in)  # (BK BQ)
+    gy_at = gy_ptr + rows[:, None] * (l * q) + cq[None, :]
     s_at = sigs_ptr + rows[:, None] * (3 * q) + cq[None, :]
     dp_at = dp_ptr + rows[:, None] * (3 * q) + cq[None, :]
     a_at = acts_ptr + rows[:, None] * k + ck[None, :]
-    dz_at = dz_ptr + rows[:, None] * k + ck[None, :]
+    dzx_at = dzx_ptr + rows[:, None] * (l * k) + ck[None, :]
     carry = tl.zeros((BLOCK_B, BLOCK_Q), dtype=tl.float32)  # dL/dm_t through m_{t+1}
+    if HAS_GH:  # dL/dm of the last token from the last h: h = 2 m - 1
+        carry += 2 * tl.load(gh_ptr + rows[:, None] * q + cq[None, :], mask=bq, other=0.0)
     for back in range(l):
         t = l - 1 - back
-        g_t = g_at + t * b * q
-        gm = tl.load(g_t, mask=bq, other=0.0) + carry
-        tl.store(g_t, gm, mask=bq)
+        gm = 2 * tl.load(gy_at + t * q, mask=bq, other=0.0) + carry
         s_t = s_at + t * b * 3 * q
         s1 = tl.load(s_t, mask=bq, other=0.0)
         s2 = tl.load(s_t + q, mask=bq, other=0.0)
@@ -133,16 +146,17 @@ def _backward(w_p_ptr, w_m_ptr, acts_ptr, sigs_ptr, gms_ptr, dp_ptr, dz_ptr, b, 
         dp2 = gate * s2 * (1.0 - s2) * gm
         dp3 = (s2 - s1) * gate * (1.0 - gate) * gm
         dp_t = dp_at + t * b * 3 * q
-        tl.store(dp_t, dp1, mask=bq)
-        tl.store(dp_t + q, dp2, mask=bq)
+        tl.store(dp_t, dp1 * 2, mask=bq)
+        tl.store(dp_t + q, dp2 * 2, mask=bq)
         tl.store(dp_t + 2 * q, dp3, mask=bq)
         a = tl.load(a_at + t * b * k, mask=bk, other=0.0)
         dz = tl.dot(dp1, w_1, input_precision=PRECISION)
         dz += tl.dot(dp2, w_2, input_precision=PRECISION)
         dz += tl.dot(dp3, w_3, input_precision=PRECISION)
-        dz = dz * (1.0 - a * a)  # (BB BK)
-        tl.store(dz_at + t * b * k, dz, mask=bk)
+        dz = dz * (1.0 - a * a)  # (BB BK): dL/dzx'_t
+        tl.store(dzx_at + t * k, dz * scale_in, mask=bk)
         carry = tl.dot(dz, w_m, input_precision=PRECISION)  # (BB BQ)
+    tl.store(dh0_ptr + rows[:, None] * q + cq[None, :], carry * 0.5, mask=bq)
 
 
 def supported(q: int, k: int, dtype: torch.dtype) -> str | None:
@@ -155,27 +169,44 @@ def supported(q: int, k: int, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _launch(kernel, b: int, q: int, k: int, *args) -> None:
+def _launch(kernel, b: int, q: int, k: int, *args, **constants) -> None:
     block_q, block_k = (triton_support.next_power_of_2(n, 16) for n in (q, k))
-    kernel[(triton.cdiv(b, BLOCK_B),)](*args, BLOCK_B=BLOCK_B, BLOCK_Q=block_q, BLOCK_K=block_k,
+    kernel[(triton.cdiv(b, BLOCK_B),)](*args, **constants, BLOCK_B=BLOCK_B, BLOCK_Q=block_q, BLOCK_K=block_k,
                                         PRECISION=triton_support.dot_precision(),
                                         num_warps=8 if max(block_q, block_k) > 64 else 4, num_stages=1)
 
 
-def cfc_forward(m0: Tensor, w_mt: Tensor, w_pt: Tensor, acts: Tensor, sigs: Tensor, m_all: Tensor) -> None:
-    """The forward loop of ``interface._CfCScan``, in place, one launch: m0 (b q), w_mt (q k),
-    w_pt (k 3q), and the contiguous time-major buffers acts (l b k) = zx', sigs (l b 3q) =
-    bias, m_all (l b q); all fp32, ``supported``."""
-    l, b, k = acts.shape
-    q = m0.shape[1]
-    _launch(_forward, b, q, k, m0.contiguous(), w_mt, w_pt, acts, sigs, m_all, b, l, q, k)
+def cfc_scan_forward(zx: Tensor, h0: Tensor, w_h: Tensor, w_p: Tensor, b_p: Tensor, scale_in: float,
+                     scale_out: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``interface``'s op body, one launch: (h (b l q), last h (b q), acts (l b k), sigs
+    (l b 3q)) from zx (b l k), h0 (b q), w_h (k q), w_p (3q k), b_p (3q), fp32, ``supported``."""
+    zx, h0, w_h, w_p, b_p = (x.contiguous() for x in (zx, h0, w_h, w_p, b_p))
+    b, l, k = zx.shape
+    q = h0.shape[1]
+    y, last = zx.new_empty(b, l, q), h0.new_empty(b, q)
+    acts, sigs = zx.new_empty(l, b, k), zx.new_empty(l, b, 3 * q)
+    if l == 0:
+        return y, h0.clone(), acts, sigs
+    _launch(_forward, b, q, k, zx, h0, w_h, w_p, b_p, y, last, acts, sigs, b, l, q, k, scale_in, scale_out)
+    return y, last, acts, sigs
 
 
-def cfc_backward(w_p: Tensor, w_m: Tensor, acts: Tensor, sigs: Tensor, gms: Tensor, dp_all: Tensor,
-                 dz_all: Tensor) -> None:
-    """The backward loop of ``interface._CfCScan``, in place, one launch: w_p (3q k), w_m
-    (k q), the saved acts (l b k) and sigs (l b 3q), gms (l b q) = dL/dm_t from the outputs;
-    fills dp_all (l b 3q) and dz_all (l b k) and completes gms."""
+def cfc_scan_backward(gy: Tensor | None, gh: Tensor | None, h0: Tensor, w_h: Tensor, w_p: Tensor, y: Tensor,
+                      acts: Tensor, sigs: Tensor, scale_in: float, scale_out: float
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The op's backward, one launch and three products: gradients of zx (b l k), h0 (b q),
+    w_h (k q), w_p (3q k) and b_p (3q). The weights' gradients are products over every token
+    after the kernel (one GEMM each: no atomics, the same sums on every run)."""
     l, b, k = acts.shape
-    q = gms.shape[2]
-    _launch(_backward, b, q, k, w_p, w_m, acts, sigs, gms, dp_all, dz_all, b, l, q, k)
+    q = h0.shape[1]
+    h0, w_h, w_p = h0.contiguous(), w_h.contiguous(), w_p.contiguous()
+    gy = y.new_zeros(b, l, q) if gy is None else gy.contiguous()
+    d_zx, dp = acts.new_empty(b, l, k), acts.new_empty(l, b, 3 * q)
+    d_h0 = torch.empty_like(h0)
+    _launch(_backward, b, q, k, gy, h0 if gh is None else gh.contiguous(), w_h, w_p, acts, sigs, d_zx, dp, d_h0,
+            b, l, q, k, scale_in, scale_out, HAS_GH=gh is not None)
+    h_prev = torch.cat([h0.unsqueeze(1), y[:, :-1]], 1).view(b * l, q)  # (bl q)
+    d_wh = d_zx.view(b * l, k).t() @ h_prev  # (k q): i dz^T (2 m_prev - 1), the i in d_zx
+    dp = dp.view(l * b, 3 * q)  # each head's factor in already
+    d_wp = (dp.t() @ acts.view(l * b, k)).mul_(scale_out)  # (3q k)
+    return d_zx, d_h0, d_wh, d_wp, dp.sum(0)

@@ -201,26 +201,14 @@ def test_cfc_scan_equals_its_reference_in_value_and_gradient(b, length, k, q, im
 
 
 @needs_triton
-def test_the_triton_kernels_fill_the_same_buffers_as_the_torch_loops():
-    """The loops' contract, buffer for buffer: a_t, s_t and m_t forward; dL/dp_t, dL/dzx'_t
-    and the completed dL/dm_t backward; for 17 rows (two row tiles) and padded widths."""
-    from model.ops.cfc import torch_loop, triton_kernel
-
-    torch.manual_seed(4)
-    l, b, k, q = 7, 17, 20, 5
-    m0 = torch.rand(b, q)
-    w_mt, w_pt = torch.randn(q, k) * 0.4, torch.randn(k, 3 * q) * 0.4
-    start = [torch.randn(l, b, k), torch.randn(l, b, 3 * q)]
-    outs = {}
-    for name, loops in (("torch", torch_loop), ("triton", triton_kernel)):
-        acts, sigs = (t.clone() for t in start)
-        m_all = torch.empty(l, b, q)
-        loops.cfc_forward(m0, w_mt, w_pt, acts, sigs, m_all)
-        gms, dp_all, dz_all = torch.randn(l, b, q, generator=torch.Generator().manual_seed(1)), \
-            torch.empty(l, b, 3 * q), torch.empty(l, b, k)
-        loops.cfc_backward(w_pt.t().contiguous(), w_mt.t().contiguous(), acts, sigs, gms, dp_all, dz_all)
-        outs[name] = (acts, sigs, m_all, dp_all, dz_all, gms)
-    for name, a, c in zip(["a", "s", "m", "dp", "dz", "dm"], outs["triton"], outs["torch"]):
+def test_the_triton_op_keeps_what_the_torch_loops_keep_for_the_backward():
+    """The folding inside the Triton kernels: the same h, last h and saved activations (a_t
+    and s_t) as the torch loops after their folding in torch, for 17 rows (two row tiles)
+    and widths that pad."""
+    args = [a.detach() for a in _args(17, 7, 20, 5, seed=4)]
+    ours = interface._cfc_scan_op(*args, 0.666, 1.7159, "triton")
+    theirs = interface._cfc_scan_op(*args, 0.666, 1.7159, "torch")
+    for name, a, c in zip(["h", "last h", "a", "s"], ours, theirs):
         assert_close(a, c, msg=name)
 
 
