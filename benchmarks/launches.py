@@ -6,8 +6,9 @@ over the code it watches:
 
 - every aten op that reaches the dispatcher and does work: views (``view``, ``transpose``,
   ``unbind``, ``_unsafe_view``, ...), allocations (``empty``, ``empty_strided``, ...),
-  ``detach`` and the profiler's record functions launch nothing and are not counted; everything else is at least one launch on CUDA (a fused
-  multi-tensor op such as ``_fused_adamw_`` counts once, as a handful of launches would);
+  ``detach`` and the profiler's record functions launch nothing and are not counted;
+  everything else is at least one launch on CUDA (a fused multi-tensor op such as
+  ``_fused_adamw_`` counts once, as a handful of launches would);
 - every Triton kernel launch, once. Under Triton's interpreter (the CPU, TRITON_INTERPRET=1)
   a launch copies its arguments with aten ops; those are the interpreter's, not the GPU's,
   and are not counted.

@@ -47,9 +47,10 @@ def _pair(cfg: GuardConfig, clip: float, seed: int) -> tuple[StepGuard, StepGuar
 
 
 def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
-    assert torch.equal(a, b) or torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7, equal_nan=True), \
-        f"{what}: {a} vs {b}"
+    assert a.dtype == b.dtype and a.shape == b.shape, (
+        f"{what}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}")
+    close = torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7, equal_nan=True)
+    assert torch.equal(a, b) or close, f"{what}: {a} vs {b}"
 
 
 @settings(deadline=None)
