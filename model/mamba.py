@@ -148,8 +148,8 @@ class Mamba(nn.Module):
         A = -torch.exp(self.A_log.float())  # (e n)
         y = selective_scan(
             x, delta, A,
-            B.transpose(1, 2).contiguous(),  # (b n l)
-            C.transpose(1, 2).contiguous(),  # (b n l)
+            B.transpose(1, 2),  # (b n l), a view: every scan reads strides
+            C.transpose(1, 2),  # (b n l)
             self.D.float(),
             z=z,
             delta_bias=self.dt_proj.bias.float(),

@@ -12,8 +12,8 @@ Arguments, shapes and semantics follow mamba-ssm's ``selective_scan_ref`` (real 
   (``torch_scans``);
 - ``parallel``: a work-efficient log-depth (Blelloch) scan in plain torch, the GPU path
   without a kernel (``torch_scans``);
-- ``triton``: one Triton kernel a direction (``triton_kernel``), the GPU path without
-  mamba-ssm;
+- ``triton``: one Triton kernel a direction, skip and gate included (``triton_kernel``),
+  the GPU path without mamba-ssm;
 - ``chunked``: a chunked parallel scan (quadratic inside a chunk), a second plain-torch GPU
   path (``torch_scans``);
 - ``cuda``: mamba-ssm's CUDA kernel.
@@ -41,7 +41,6 @@ from torch import Tensor
 from model.ops import numba_support, triton_support
 from model.ops.selective_scan.reference import ScanResult, check_inputs, selective_scan_ref
 from model.ops.selective_scan.torch_scans import (
-    scan_with,
     selective_scan_chunked,
     selective_scan_loop,
     selective_scan_parallel,
@@ -98,11 +97,13 @@ def selective_scan_triton(
     delta_softplus: bool = False,
     return_last_state: bool = False,
 ) -> ScanResult:
-    """The scan as a Triton kernel (forward and backward), on CUDA or, with
+    """The scan, skip and gate as one Triton kernel per direction, on CUDA or, with
     TRITON_INTERPRET=1, on the CPU through Triton's interpreter (the tests)."""
-    from model.ops.selective_scan.triton_kernel import triton_scan
+    from model.ops.selective_scan.triton_kernel import triton_selective_scan
 
-    return scan_with(triton_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out, last = triton_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last) if return_last_state else out
 
 
 # ---------------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def scan_with(
     delta_softplus: bool, return_last_state: bool,
 ) -> ScanResult:
     """Check, discretise delta and upcast in torch, run ``core(u, dt, A, B, C) -> (y, last)``
-    in the compute dtype, then the skip and gate: every fast path but chunked and cuda."""
+    in the compute dtype, then the skip and gate: the loop and the parallel scan."""
     check_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype = compute_dtype(u)
     u32 = u.to(dtype)

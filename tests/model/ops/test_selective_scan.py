@@ -308,6 +308,52 @@ def test_low_precision_fast_scans_match_reference_on_the_same_inputs(impl, impl_
     assert_matches_reference(impl(b * e * n), inputs, delta_softplus=True, return_last_state=True)
 
 
+def _mamba_views(b: int, e: int, n: int, l: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """One leaf (b l 2e + e + 2n) and the scan's inputs as views of it, strided as a Mamba
+    mixer passes them (u and z halves of in_proj's output, delta and B, C the projections'
+    columns, all transposed to (b . l)): nothing contiguous but A, D and the bias."""
+    gen = torch.Generator().manual_seed(seed)
+    leaf = torch.randn(b, l, 3 * e + 2 * n, generator=gen).requires_grad_()
+    cols = leaf.transpose(1, 2)  # (b 3e+2n l)
+    u, z, delta, B, C = cols.split([e, e, e, n, n], dim=1)
+    inputs = {"u": u, "delta": delta, "A": -torch.exp(0.5 * torch.randn(e, n, generator=gen)), "B": B, "C": C,
+              "D": torch.randn(e, generator=gen), "z": z, "delta_bias": torch.rand(e, generator=gen)}
+    assert not any(inputs[k].is_contiguous() for k in ("u", "delta", "B", "C", "z"))
+    return leaf, inputs
+
+
+@pytest.mark.parametrize("impl_name", impl_params(["numba", "loop", "parallel", "triton", "chunked"]))
+def test_fast_scans_read_inputs_at_any_strides(impl, impl_name):
+    """The layouts the Mamba mixer hands over without copies: the Triton kernel reads every
+    input through its strides, so a stride taken for a contiguous one would show here."""
+    b, e, n, l = 2, 4, 3, 17
+    results = []
+    for fn in (impl(b * e * n), selective_scan_ref):
+        leaf, inputs = _mamba_views(b, e, n, l)
+        out, last = fn(**inputs, delta_softplus=True, return_last_state=True)
+        gen = torch.Generator().manual_seed(1)
+        loss = (out * torch.randn(out.shape, generator=gen)).sum() + (last * torch.randn(last.shape, generator=gen)).sum()
+        results.append((out, last, torch.autograd.grad(loss, leaf)[0]))
+    for name, got, want in zip(("out", "last", "dleaf"), *results):
+        assert_close(got, want, dtype=torch.float32, scale=GRAD_SCALE if name == "dleaf" else 1.0, msg=name)
+
+
+@pytest.mark.parametrize("impl_name", impl_params(["numba", "loop", "parallel", "triton"]))
+@pytest.mark.parametrize(("low", "high"), [(-24.0, -17.0), (10.0, 40.0)], ids=["tail", "threshold"])
+def test_fast_scans_softplus_is_torchs_at_extreme_deltas(impl, impl_name, low, high):
+    """softplus(delta) where exp(delta) is below fp32's epsilon next to 1, so that a naive
+    log(1 + exp(delta)) rounds dt to 0 (u scaled up so the state, all dt u B, is of order
+    one), and across softplus's threshold (delta > 20 gives delta)."""
+    b, e, n, l = 1, 3, 2, 16
+    inputs = make_inputs(b, e, n, l, "variable", "variable", D=False, z=False, delta_bias=False)
+    with torch.no_grad():
+        inputs["delta"].copy_(torch.linspace(low, high, b * e * l).reshape(b, e, l))
+        if high < 0:
+            inputs["u"].mul_(1e8)
+        inputs["A"].mul_(0.01)  # a decay that survives dt = 40
+    assert_matches_reference(impl(b * e * n), inputs, delta_softplus=True, return_last_state=True)
+
+
 # Every option alone, all of them, none of them.
 WIDE_OPTIONS = [NO_OPTIONS, ALL_OPTIONS] + [{**NO_OPTIONS, k: True} for k in ALL_OPTIONS]
 
@@ -653,10 +699,14 @@ def _op_inputs(kind: str, seed: int = 0):
 
 @needs_triton
 @pytest.mark.parametrize("kind", ["constant", "variable", "grouped"])
-def test_the_triton_scan_is_one_registered_op_with_a_fake_and_a_backward(kind):
+@pytest.mark.parametrize("optional", [True, False])
+def test_the_triton_scan_is_one_registered_op_with_a_fake_and_a_backward(kind, optional):
     importlib.import_module("model.ops.selective_scan.triton_kernel")  # registers the op
-    u, dt, A, B, C = (t.requires_grad_() for t in _op_inputs(kind))
-    torch.library.opcheck(torch.ops.lsnn.selective_scan_triton.default, (u, dt, A, B, C, 4),
+    u, delta, A, B, C = (t.requires_grad_() for t in _op_inputs(kind))
+    e = u.shape[1]
+    extra = [torch.randn(e, requires_grad=True), torch.randn_like(u, requires_grad=True),
+             torch.randn(e, requires_grad=True)] if optional else [None, None, None]
+    torch.library.opcheck(torch.ops.lsnn.selective_scan_triton.default, (u, delta, A, B, C, *extra, True, 4),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
