@@ -17,6 +17,8 @@ side, as mamba-ssm's ``ops/`` and flash-linear-attention's ``fla/ops/<op>/`` kee
 - ``discounted_cumsum``: linear recurrences with a constant decay (the LIF's backward, the
   spike filters, STDP's traces).
 
-``numba_support`` and ``triton_support`` hold what the kernels share. ``model.ops`` never
-imports the modules that use it.
+``numba_support`` and ``triton_support`` hold what the kernels share; ``op_support`` makes a
+recurrence's pair of custom ops, and the plain ``autograd.Function`` that eager calls run
+instead of them (the ops' Python wrappers cost about 30 µs a call each way). ``model.ops``
+never imports the modules that use it.
 """

@@ -29,7 +29,9 @@ backward (``CFC_IMPLS``):
 - ``auto``: numba on the CPU, triton on CUDA where Triton imports, else torch.
 
 The op is a ``torch.library`` custom op with a fake implementation, so ``torch.compile``
-and a CUDA graph see one node forward and one backward, not a loop over tokens.
+and a CUDA graph see one node forward and one backward, not a loop over tokens; an eager
+call runs the same functions as an ``autograd.Function``, without the ops' wrappers
+(``op_support.Recurrence``).
 
 Shape letters: b batch, l length, k backbone units, q liquid units.
 """
@@ -43,6 +45,7 @@ import torch
 from torch import Tensor
 
 from model.ops import triton_support
+from model.ops.op_support import Recurrence
 from model.ops.cfc import numba_kernel, torch_loop
 
 CfCImpl = Literal["auto", "numba", "torch", "triton"]
@@ -119,9 +122,8 @@ def _rows(q: int, like: Tensor) -> Tensor:
     return rows
 
 
-@torch.library.custom_op("lsnn::cfc_scan", mutates_args=())
-def _cfc_scan_op(zx: Tensor, h0: Tensor, w_h: Tensor, w_p: Tensor, b_p: Tensor, scale_in: float,
-                 scale_out: float, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _forward(zx: Tensor, h0: Tensor, w_h: Tensor, w_p: Tensor, b_p: Tensor, scale_in: float,
+             scale_out: float, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(h (b l q), last h (b q)) and what the backward reads besides them: acts (l b k) and
     sigs (l b 3q). ``impl`` is resolved (never auto)."""
     if impl == "triton":  # one launch, the folding inside it
@@ -142,18 +144,16 @@ def _cfc_scan_op(zx: Tensor, h0: Tensor, w_h: Tensor, w_p: Tensor, b_p: Tensor, 
     return h_all.transpose(0, 1), last, acts, sigs
 
 
-@_cfc_scan_op.register_fake
-def _(zx, h0, w_h, w_p, b_p, scale_in, scale_out, impl):
+def _forward_fake(zx, h0, w_h, w_p, b_p, scale_in, scale_out, impl):
     b, l, k = zx.shape
     q = h0.shape[1]
     y = zx.new_empty(b, l, q) if impl == "triton" else zx.new_empty(l, b, q).transpose(0, 1)
     return y, h0.new_empty(b, q), zx.new_empty(l, b, k), zx.new_empty(l, b, 3 * q)
 
 
-@torch.library.custom_op("lsnn::cfc_scan_backward", mutates_args=())
-def _cfc_scan_backward_op(gy: Tensor | None, gh: Tensor | None, h0: Tensor, w_h: Tensor, w_p: Tensor,
-                          y: Tensor, acts: Tensor, sigs: Tensor, scale_in: float, scale_out: float,
-                          impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward(gy: Tensor | None, gh: Tensor | None, h0: Tensor, w_h: Tensor, w_p: Tensor,
+              y: Tensor, acts: Tensor, sigs: Tensor, scale_in: float, scale_out: float,
+              impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of zx (b l k), h0 (b q), w_h (k q), w_p (3q k) and b_p (3q) for the
     upstream gy (b l q) and gh (b q) (None: zero), from the forward's h (b l q)."""
     if impl == "triton":
@@ -182,8 +182,7 @@ def _cfc_scan_backward_op(gy: Tensor | None, gh: Tensor | None, h0: Tensor, w_h:
     return d_zx, d_h0, d_wh, d_wp, d_bp
 
 
-@_cfc_scan_backward_op.register_fake
-def _(gy, gh, h0, w_h, w_p, y, acts, sigs, scale_in, scale_out, impl):
+def _backward_fake(gy, gh, h0, w_h, w_p, y, acts, sigs, scale_in, scale_out, impl):
     l, b, k = acts.shape
     d_zx = acts.new_empty(b, l, k) if impl == "triton" else acts.new_empty(l, b, k).transpose(0, 1)
     return d_zx, h0.new_empty(h0.shape), w_h.new_empty(w_h.shape), w_p.new_empty(w_p.shape), \
@@ -199,13 +198,13 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.args = (scale_in, scale_out, impl)
 
 
-def _backward(ctx, gy, gh, *_):
+def _grads(ctx, gy, gh, *_, backward):
     h0, w_h, w_p, y, acts, sigs = ctx.saved_tensors
-    grads = _cfc_scan_backward_op(gy, gh, h0, w_h, w_p, y, acts, sigs, *ctx.args)
+    grads = backward(gy, gh, h0, w_h, w_p, y, acts, sigs, *ctx.args)
     return *grads, None, None, None
 
 
-_cfc_scan_op.register_autograd(_backward, setup_context=_setup_context)
+_cfc_scan_op = Recurrence("cfc_scan", _forward, _forward_fake, _backward, _backward_fake, _setup_context, _grads)
 
 
 def cfc_scan(

@@ -12,7 +12,9 @@ The forward's per-token loop runs where ``impl`` says (``LIF_IMPLS``):
   than torch's dispatch there), triton on CUDA where Triton imports, else torch.
 
 The op is a ``torch.library`` custom op with a fake implementation, so ``torch.compile``
-and a CUDA graph see one node forward and one backward, not a loop over tokens.
+and a CUDA graph see one node forward and one backward, not a loop over tokens; an eager
+call runs the same functions as an ``autograd.Function``, without the ops' wrappers
+(``op_support.Recurrence``).
 
 Shapes: b batch, l length, s neurons.
 """
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from model.ops import triton_support
+from model.ops.op_support import Recurrence
 from model.ops.lif import numba_kernel, torch_loop
 from model.ops.lif.reference import SURROGATES
 
@@ -53,8 +56,7 @@ def resolve_lif_impl(impl: str, cur: Tensor) -> str:
     return impl
 
 
-@torch.library.custom_op("lsnn::lif", mutates_args=())
-def _lif_op(cur: Tensor, beta: float, threshold: float, kind: str, scale: float, impl: str) -> tuple[Tensor, Tensor]:
+def _forward(cur: Tensor, beta: float, threshold: float, kind: str, scale: float, impl: str) -> tuple[Tensor, Tensor]:
     """Spikes and membrane potentials (b l s) of fp32 currents (b l s); ``impl`` resolved
     (numba, numpy, torch or triton)."""
     if impl == "triton":
@@ -66,14 +68,12 @@ def _lif_op(cur: Tensor, beta: float, threshold: float, kind: str, scale: float,
     return (mem > threshold).to(cur.dtype), mem
 
 
-@_lif_op.register_fake
-def _(cur, beta, threshold, kind, scale, impl):
+def _forward_fake(cur, beta, threshold, kind, scale, impl):
     return torch.empty_like(cur), torch.empty_like(cur)
 
 
-@torch.library.custom_op("lsnn::lif_backward", mutates_args=())
-def _lif_backward_op(mem: Tensor, grad_spk: Tensor | None, grad_mem: Tensor | None, beta: float, threshold: float,
-                     kind: str, scale: float, impl: str) -> Tensor:
+def _backward(mem: Tensor, grad_spk: Tensor | None, grad_mem: Tensor | None, beta: float, threshold: float,
+              kind: str, scale: float, impl: str) -> Tensor:
     """dL/dcur (b l s); an absent upstream gradient counts as zero."""
     if impl == "triton":
         from model.ops.lif import triton_kernel
@@ -82,8 +82,7 @@ def _lif_backward_op(mem: Tensor, grad_spk: Tensor | None, grad_mem: Tensor | No
     return torch_loop.lif_backward(mem, grad_spk, grad_mem, beta, threshold, kind, scale)
 
 
-@_lif_backward_op.register_fake
-def _(mem, grad_spk, grad_mem, beta, threshold, kind, scale, impl):
+def _backward_fake(mem, grad_spk, grad_mem, beta, threshold, kind, scale, impl):
     return torch.empty_like(mem)
 
 
@@ -93,12 +92,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.args = inputs[1:]
 
 
-def _backward(ctx, grad_spk, grad_mem):
+def _grads(ctx, grad_spk, grad_mem, *, backward):
     (mem,) = ctx.saved_tensors
-    return _lif_backward_op(mem, grad_spk, grad_mem, *ctx.args), None, None, None, None, None
+    return backward(mem, grad_spk, grad_mem, *ctx.args), None, None, None, None, None
 
 
-_lif_op.register_autograd(_backward, setup_context=_setup_context)
+_lif_op = Recurrence("lif", _forward, _forward_fake, _backward, _backward_fake, _setup_context, _grads)
 
 
 def lif(

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.ops.numba_support import FLAGS, as_numpy, bounds, exp, launch, njit, numba, threads
+from model.ops.op_support import Recurrence
 
 # Elements of one block's buffers (l n k), per buffer: 2 MB of fp32. The backward keeps
 # two (states and decays), about the L2 cache of one core; measured at b4 e512 n16 l256,
@@ -390,8 +391,7 @@ def _dt(delta: Tensor, delta_bias: Tensor | None, softplus: bool, dtype: torch.d
     return pre, F.softplus(pre) if softplus else pre
 
 
-@torch.library.custom_op("lsnn::selective_scan_numba", mutates_args=())
-def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
              delta_bias: Tensor | None, softplus: bool) -> tuple[Tensor, Tensor]:
     """The whole selective scan: (u, delta (b e l), A (e n), B, C, D (e) | None, z (b e l) |
     None, delta_bias (e) | None, softplus) -> (out (b e l) in u's dtype, x_last (b e n)).
@@ -408,16 +408,14 @@ def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     return out.transpose(1, 2).to(u.dtype), last
 
 
-@_scan_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, softplus):
+def _forward_fake(u, delta, A, B, C, D, z, delta_bias, softplus):
     (b, e, l), n = u.shape, A.shape[1]
     return u.new_empty(b, l, e).transpose(1, 2), u.new_empty(b, e, n, dtype=torch.promote_types(u.dtype, torch.float32))
 
 
-@torch.library.custom_op("lsnn::selective_scan_numba_backward", mutates_args=())
-def _scan_backward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                      z: Tensor | None, delta_bias: Tensor | None, softplus: bool, dout: Tensor,
-                      dlast: Tensor | None) -> list[Tensor]:
+def _backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+              z: Tensor | None, delta_bias: Tensor | None, softplus: bool, dout: Tensor,
+              dlast: Tensor | None) -> list[Tensor]:
     """Gradients of u, delta, A, B, C, D, z and delta_bias, each empty where the input is None."""
     dtype = torch.promote_types(u.dtype, torch.float32)
     b, e, _ = u.shape
@@ -442,8 +440,7 @@ def _scan_backward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     ]
 
 
-@_scan_backward_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, softplus, dout, dlast):
+def _backward_fake(u, delta, A, B, C, D, z, delta_bias, softplus, dout, dlast):
     def ble(x):  # a (b l e) buffer seen as (b e l), as the kernels leave it
         return x.new_empty(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2)
 
@@ -461,16 +458,17 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.softplus = inputs[8]
 
 
-def _backward_fn(ctx, dout, dlast):
+def _grads(ctx, dout, dlast, *, backward):
     u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(u)
-    grads = _scan_backward_op(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, dout, dlast)
+    grads = backward(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, dout, dlast)
     present = (u, delta, A, B, C, D, z, delta_bias)
     return *(None if x is None else g for x, g in zip(present, grads)), None
 
 
-_scan_op.register_autograd(_backward_fn, setup_context=_setup_context)
+_scan_op = Recurrence("selective_scan_numba", _forward, _forward_fake, _backward, _backward_fake, _setup_context,
+                      _grads)
 
 
 def numba_selective_scan(

@@ -55,6 +55,7 @@ import triton.language as tl
 from torch import Tensor
 
 from model.ops import triton_support
+from model.ops.op_support import Recurrence
 
 CHUNK = 64
 """Steps between two saved states: the backward recomputes at most this many at once."""
@@ -283,9 +284,8 @@ def _flags(D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, softpl
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus)
 
 
-@torch.library.custom_op("lsnn::selective_scan_triton", mutates_args=())
-def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
-             delta_bias: Tensor | None, softplus: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+                  delta_bias: Tensor | None, softplus: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(u, delta (b e l), A (e n), B, C, D (e) | None, z (b e l) | None, delta_bias (e) |
     None, softplus) -> (out (b e l) in u's dtype, x_last (b e n) fp32, the states every
     ``chunk`` steps (b e n l/chunk) fp32, which the backward starts from)."""
@@ -302,17 +302,15 @@ def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     return out, last, ckpt
 
 
-@_scan_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, softplus, chunk):
+def _forward_fake(u, delta, A, B, C, D, z, delta_bias, softplus, chunk):
     (b, e, l), n = u.shape, A.shape[1]
     f32 = torch.float32
     return _ble(u), u.new_empty(b, e, n, dtype=f32), u.new_empty(b, e, n, -(-l // chunk), dtype=f32)
 
 
-@torch.library.custom_op("lsnn::selective_scan_triton_backward", mutates_args=())
-def _scan_backward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                      z: Tensor | None, delta_bias: Tensor | None, softplus: bool, ckpt: Tensor, dout: Tensor,
-                      dlast: Tensor | None, chunk: int) -> list[Tensor]:
+def _scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                   z: Tensor | None, delta_bias: Tensor | None, softplus: bool, ckpt: Tensor, dout: Tensor,
+                   dlast: Tensor | None, chunk: int) -> list[Tensor]:
     """Gradients of u, delta, A, B, C, D, z and delta_bias for the upstream dout (b e l)
     and dlast (b e n) (None: zero), each empty where the input is None."""
     (b, e, l), n = u.shape, A.shape[1]
@@ -337,8 +335,7 @@ def _scan_backward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     return [grad if x is None else grad.to(x.dtype) for grad, x in zip(grads, like)]
 
 
-@_scan_backward_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, softplus, ckpt, dout, dlast, chunk):
+def _backward_fake(u, delta, A, B, C, D, z, delta_bias, softplus, ckpt, dout, dlast, chunk):
     def like(x):
         return u.new_empty(0) if x is None else x.new_empty(x.shape)
 
@@ -354,16 +351,17 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.softplus, ctx.chunk = softplus, chunk
 
 
-def _backward_fn(ctx, dout, dlast, _):
+def _grads(ctx, dout, dlast, _, *, backward):
     u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(u)
-    grads = _scan_backward_op(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ckpt, dout, dlast, ctx.chunk)
+    grads = backward(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ckpt, dout, dlast, ctx.chunk)
     present = (u, delta, A, B, C, D, z, delta_bias)
     return *(None if x is None else grad for x, grad in zip(present, grads)), None, None
 
 
-_scan_op.register_autograd(_backward_fn, setup_context=_setup_context)
+_scan_op = Recurrence("selective_scan_triton", _scan_forward, _forward_fake, _scan_backward, _backward_fake,
+                      _setup_context, _grads)
 
 
 def triton_selective_scan(
