@@ -19,6 +19,6 @@ side, as mamba-ssm's ``ops/`` and flash-linear-attention's ``fla/ops/<op>/`` kee
 
 ``numba_support`` and ``triton_support`` hold what the kernels share; ``op_support`` makes a
 recurrence's pair of custom ops, and the plain ``autograd.Function`` that eager calls run
-instead of them (the ops' Python wrappers cost about 30 µs a call each way). ``model.ops``
+instead of them (the ops' Python wrappers cost 20 to 30 µs a call each way). ``model.ops``
 never imports the modules that use it.
 """
