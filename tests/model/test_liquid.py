@@ -17,6 +17,7 @@ from model.liquid import (
     LTCCell,
     cfc_fusable,
     cfc_sequence,
+    cfc_sequence_fused,
     cfc_sequence_ref,
     ltc_sequence,
     ltc_sequence_ref,
@@ -488,6 +489,25 @@ def test_sequence_functions_agree_with_layer_dispatch():
         assert_close(cfc(x, h0)[0], cfc_sequence_ref(cfc.cell, x, h0)[0], msg="cfc ref")
         assert_close(ltc(x, h0)[0], ltc_sequence(ltc.cell, x, h0)[0], msg="ltc")
         assert_close(ltc(x, h0)[0], ltc_sequence_ref(ltc.cell, x, h0)[0], msg="ltc ref")
+
+
+@pytest.mark.parametrize("ts", [1.0, 0.37])
+@pytest.mark.parametrize("fused", [False, True])
+def test_cfc_sequences_take_the_time_step_as_the_cell_does(ts, fused):
+    """The time gate's weights are scaled by ``ts`` once for the sequence (skipped at 1):
+    the same outputs and gradients as stepping the cell with that ``ts``."""
+    torch.manual_seed(19)
+    cell = LiquidLayer(6, 5, backbone_units=7).cell
+    x, h0 = torch.randn(2, 9, 6), torch.randn(2, 5)
+    run = (lambda *a: cfc_sequence_fused(*a, impl="torch")) if fused else cfc_sequence
+    y, h = run(cell, x, h0, ts)
+    grads = torch.autograd.grad((y.square().sum() + h.sum()), list(cell.parameters()))
+    y_ref, h_ref = cfc_sequence_ref(cell, x, h0, ts)
+    ref = torch.autograd.grad((y_ref.square().sum() + h_ref.sum()), list(cell.parameters()))
+    assert_close(y, y_ref, msg="h sequence")
+    assert_close(h, h_ref, msg="last h")
+    for (name, _), g, r in zip(cell.named_parameters(), grads, ref):
+        assert_close(g, r, msg=f"d {name}")
 
 
 @pytest.mark.parametrize("impl,loops", [("torch", "torch_loop"), ("numba", "numba_kernel"),
