@@ -52,6 +52,14 @@ def _custom_op_body(func) -> Callable | None:
     return None if opdef is None else opdef._init_fn
 
 
+def _composite_only(func) -> bool:
+    """An op that is only a composite of others (no kernel of its own for the CPU, and so,
+    for the ops in a step, none for CUDA either)."""
+    keys = torch._C.DispatchKey
+    return (func.has_kernel_for_dispatch_key(keys.CompositeImplicitAutograd)
+            and not func.has_kernel_for_dispatch_key(keys.CPU))
+
+
 class LaunchCounter(TorchDispatchMode):
     """``with LaunchCounter() as c: step()``; then ``c.total``, ``c.aten`` (by op name) and
     ``c.triton`` (by kernel name).
@@ -82,9 +90,10 @@ class LaunchCounter(TorchDispatchMode):
         if body is not None:  # lsnn's ops: what runs inside them, not the op, launches kernels
             with self:
                 return body(*args, **kwargs)
-        if func.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd):
+        if _composite_only(func):
             # reached only from inside a custom op's body, below autograd, where composites
-            # (contiguous, reshape, matmul, to) arrive whole: count what they decompose into
+            # (contiguous, reshape, matmul, to) arrive whole: count what they decompose into.
+            # An op with a kernel of its own (silu_backward) runs that kernel: one launch.
             with self:
                 out = func.decompose(*args, **kwargs)
             if out is not NotImplemented:

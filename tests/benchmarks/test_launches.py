@@ -121,3 +121,17 @@ def test_a_matmul_of_a_batch_of_sequences_counts_its_product_not_its_reshapes():
     with LaunchCounter() as c:
         torch.matmul(x, w)
     assert c.total == 1, c.aten
+
+
+def test_an_op_with_its_own_kernel_counts_once_though_it_has_a_decomposition_too():
+    """silu's backward is one kernel on CUDA (and on the CPU), though torch also registers a
+    decomposition of it (seven ops): autograd hands it to the counter whole, and a kernel of
+    its own is what runs. reshape, a composite without one, still counts what it runs."""
+    x = torch.randn(4, 8, requires_grad=True)
+    y = torch.nn.functional.silu(x)
+    g = torch.randn(4, 8)
+    with LaunchCounter() as c:
+        y.backward(g)
+    assert dict(c.aten) == {"silu_backward": 1}, c.aten
+    assert torch.ops.aten.silu_backward.default.has_kernel_for_dispatch_key(
+        torch._C.DispatchKey.CompositeImplicitAutograd), "the case this test is about"
