@@ -60,7 +60,7 @@ def _tanh(x):
 
 @triton.jit
 def _forward(zx_ptr, h0_ptr, wh_ptr, wp_ptr, bp_ptr, y_ptr, last_ptr, acts_ptr, sigs_ptr, b, l, q, k,
-             scale_in, scale_out,
+             swh_k, swh_q, scale_in, scale_out,
              BLOCK_B: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """The CfC over the sequence from the unfolded arguments (zx (b l k), h0 (b q), w_h (k q),
     w_p (3q k), b_p (3q)), folding them as ``interface`` says on the way in: writes h (b l q),
@@ -74,7 +74,8 @@ def _forward(zx_ptr, h0_ptr, wh_ptr, wp_ptr, bp_ptr, y_ptr, last_ptr, acts_ptr, 
     bk = on_b[:, None] & on_k[None, :]  # (BB BK)
     kq = on_k[:, None] & on_q[None, :]
     # the folded weights, once: w_m = 2 i w_h^T (q k), the heads' (k q) times (2o, 2o, o)
-    w_ht = tl.load(wh_ptr + ck[None, :] * q + cq[:, None], mask=on_q[:, None] & on_k[None, :], other=0.0)  # (BQ BK)
+    w_ht = tl.load(wh_ptr + ck[None, :] * swh_k + cq[:, None] * swh_q, mask=on_q[:, None] & on_k[None, :],
+                   other=0.0)  # (BQ BK)
     w_m = w_ht * (2 * scale_in)
     w_h_rows = tl.sum(w_ht, axis=0)  # (BK): zx' = i (zx - w_h 1)
     heads = wp_ptr + cq[None, :] * k + ck[:, None]  # w_p's rows of one head, transposed: (BK BQ)
@@ -107,7 +108,7 @@ def _forward(zx_ptr, h0_ptr, wh_ptr, wp_ptr, bp_ptr, y_ptr, last_ptr, acts_ptr, 
 
 @triton.jit
 def _backward(gy_ptr, gh_ptr, wh_ptr, wp_ptr, acts_ptr, sigs_ptr, dzx_ptr, dp_ptr, dh0_ptr, b, l, q, k,
-              scale_in, scale_out, HAS_GH: tl.constexpr,
+              swh_k, swh_q, sgy_b, sgy_t, sgy_q, scale_in, scale_out, HAS_GH: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """The reverse loop from the upstream gy (b l q) and gh (b q): writes dL/dzx (b l k),
     dL/dp_t times each head's factor (2, 2, 1) into dp (l b 3q), what the weights' gradients
@@ -124,9 +125,9 @@ def _backward(gy_ptr, gh_ptr, wh_ptr, wp_ptr, acts_ptr, sigs_ptr, dzx_ptr, dp_pt
     w_1 = tl.load(heads, mask=qk, other=0.0) * (2 * scale_out)
     w_2 = tl.load(heads + q * k, mask=qk, other=0.0) * (2 * scale_out)
     w_3 = tl.load(heads + 2 * q * k, mask=qk, other=0.0) * scale_out
-    w_m = tl.load(wh_ptr + ck[:, None] * q + cq[None, :], mask=on_k[:, None] & on_q[None, :], other=0.0) \
-        * (2 * scale_in)  # (BK BQ)
-    gy_at = gy_ptr + rows[:, None] * (l * q) + cq[None, :]
+    w_m = tl.load(wh_ptr + ck[:, None] * swh_k + cq[None, :] * swh_q, mask=on_k[:, None] & on_q[None, :],
+                  other=0.0) * (2 * scale_in)  # (BK BQ)
+    gy_at = gy_ptr + rows[:, None] * sgy_b + cq[None, :] * sgy_q
     s_at = sigs_ptr + rows[:, None] * (3 * q) + cq[None, :]
     dp_at = dp_ptr + rows[:, None] * (3 * q) + cq[None, :]
     a_at = acts_ptr + rows[:, None] * k + ck[None, :]
@@ -136,7 +137,7 @@ def _backward(gy_ptr, gh_ptr, wh_ptr, wp_ptr, acts_ptr, sigs_ptr, dzx_ptr, dp_pt
         carry += 2 * tl.load(gh_ptr + rows[:, None] * q + cq[None, :], mask=bq, other=0.0)
     for back in range(l):
         t = l - 1 - back
-        gm = 2 * tl.load(gy_at + t * q, mask=bq, other=0.0) + carry
+        gm = 2 * tl.load(gy_at + t * sgy_t, mask=bq, other=0.0) + carry
         s_t = s_at + t * b * 3 * q
         s1 = tl.load(s_t, mask=bq, other=0.0)
         s2 = tl.load(s_t + q, mask=bq, other=0.0)
@@ -179,15 +180,17 @@ def _launch(kernel, b: int, q: int, k: int, *args, **constants) -> None:
 def cfc_scan_forward(zx: Tensor, h0: Tensor, w_h: Tensor, w_p: Tensor, b_p: Tensor, scale_in: float,
                      scale_out: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``interface``'s op body, one launch: (h (b l q), last h (b q), acts (l b k), sigs
-    (l b 3q)) from zx (b l k), h0 (b q), w_h (k q), w_p (3q k), b_p (3q), fp32, ``supported``."""
-    zx, h0, w_h, w_p, b_p = (x.contiguous() for x in (zx, h0, w_h, w_p, b_p))
+    (l b 3q)) from zx (b l k), h0 (b q), w_h (k q), w_p (3q k), b_p (3q), fp32, ``supported``.
+    w_h is read through its strides (the liquid layer's is a slice of the backbone's weight)."""
+    zx, h0, w_p, b_p = (x.contiguous() for x in (zx, h0, w_p, b_p))
     b, l, k = zx.shape
     q = h0.shape[1]
     y, last = zx.new_empty(b, l, q), h0.new_empty(b, q)
     acts, sigs = zx.new_empty(l, b, k), zx.new_empty(l, b, 3 * q)
     if l == 0:
         return y, h0.clone(), acts, sigs
-    _launch(_forward, b, q, k, zx, h0, w_h, w_p, b_p, y, last, acts, sigs, b, l, q, k, scale_in, scale_out)
+    _launch(_forward, b, q, k, zx, h0, w_h, w_p, b_p, y, last, acts, sigs, b, l, q, k, *w_h.stride(), scale_in,
+            scale_out)
     return y, last, acts, sigs
 
 
@@ -196,15 +199,16 @@ def cfc_scan_backward(gy: Tensor | None, gh: Tensor | None, h0: Tensor, w_h: Ten
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The op's backward, one launch and three products: gradients of zx (b l k), h0 (b q),
     w_h (k q), w_p (3q k) and b_p (3q). The weights' gradients are products over every token
-    after the kernel (one GEMM each: no atomics, the same sums on every run)."""
+    after the kernel (one GEMM each: no atomics, the same sums on every run). gy and w_h are
+    read through their strides."""
     l, b, k = acts.shape
     q = h0.shape[1]
-    h0, w_h, w_p = h0.contiguous(), w_h.contiguous(), w_p.contiguous()
-    gy = y.new_zeros(b, l, q) if gy is None else gy.contiguous()
+    h0, w_p = h0.contiguous(), w_p.contiguous()
+    gy = y.new_zeros(b, l, q) if gy is None else gy
     d_zx, dp = acts.new_empty(b, l, k), acts.new_empty(l, b, 3 * q)
     d_h0 = torch.empty_like(h0)
     _launch(_backward, b, q, k, gy, h0 if gh is None else gh.contiguous(), w_h, w_p, acts, sigs, d_zx, dp, d_h0,
-            b, l, q, k, scale_in, scale_out, HAS_GH=gh is not None)
+            b, l, q, k, *w_h.stride(), *gy.stride(), scale_in, scale_out, HAS_GH=gh is not None)
     h_prev = torch.cat([h0.unsqueeze(1), y[:, :-1]], 1).view(b * l, q)  # (bl q)
     d_wh = d_zx.view(b * l, k).t() @ h_prev  # (k q): i dz^T (2 m_prev - 1), the i in d_zx
     dp = dp.view(l * b, 3 * q)  # each head's factor in already

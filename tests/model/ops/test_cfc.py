@@ -212,6 +212,28 @@ def test_the_triton_op_keeps_what_the_torch_loops_keep_for_the_backward():
         assert_close(a, c, msg=name)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_scan_reads_a_sliced_recurrent_weight_and_a_strided_upstream_gradient(impl):
+    """The liquid layer's w_h is a column slice of its backbone's weight, and the upstream
+    gradient of h a slice of a concatenation's, or broadcast from a sum: the same values and
+    gradients, bit for bit, as from contiguous copies (the Triton kernels read both through
+    their strides instead of copying them)."""
+    zx, h0, w_h, w_p, b_p = (a.detach() for a in _args(17, 6, 20, 7, seed=12))
+    backbone = torch.cat([torch.randn(20, 3), w_h], 1).requires_grad_()  # (k i+q)
+    runs = []
+    for view in (True, False):
+        wide = torch.randn(17, 6, 11, generator=torch.Generator().manual_seed(5))
+        leaves = [x.clone().requires_grad_() for x in (zx, h0, w_p, b_p)]
+        w = backbone[:, 3:] if view else backbone[:, 3:].detach().clone().requires_grad_()
+        y, h = cfc_scan(leaves[0], leaves[1], w, leaves[2], leaves[3], 0.666, 1.7159, impl=impl)
+        gy = wide[:, :, 2:9] if view else wide[:, :, 2:9].contiguous()  # (b l q), rows of 11
+        grads = torch.autograd.grad([y, h], [*leaves, w], [gy, torch.ones(17, 7).expand(17, 7)])
+        runs.append([y, h, *grads])
+    assert not backbone[:, 3:].is_contiguous()  # the case this test is about
+    for name, a, c in zip(["h", "last h", "d zx", "d h0", "d w_p", "d b_p", "d w_h"], *runs):
+        assert torch.equal(a, c), name
+
+
 @needs_triton
 def test_triton_fp32_inputs_under_bf16_autocast_track_the_fp32_layer():
     """The liquid layer runs its recurrence in fp32 whatever autocast says: with the Triton
