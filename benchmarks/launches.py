@@ -168,7 +168,7 @@ def count_launches(step: Callable[[], object], run_triton: bool = True) -> Launc
 GPU_PATH = dict(cfc_impl="triton", lif_impl="triton", scan_impl="triton", kernels="triton", sizes="cuda")
 """The implementations a CUDA machine runs by default (``auto`` there, without mamba-ssm): the
 recurrences' kernels, the step's bookkeeping (the rates, the guard) fused, and the sizes
-chosen for CUDA (the loss's chunks)."""
+chosen for CUDA (the loss's chunks, the spike rate as a pool)."""
 TORCH_LOOPS = dict(cfc_impl="torch", lif_impl="torch", scan_impl="parallel", kernels="torch", sizes="cpu")
 """The GPU code path before the fused kernels: the recurrences' torch loops, the
 bookkeeping in torch ops."""
@@ -221,13 +221,15 @@ def phase_step(phase: int, impls: dict[str, str], length: int | None = None, tin
 
 @contextlib.contextmanager
 def _sized_for(device_type: str) -> Iterator[None]:
-    """The CPU takes the sizes ``device_type`` would choose: the loss's chunks (on CUDA eight
-    times the CPU's, each chunk's ops being launches there)."""
-    from model import loss
+    """The CPU takes the choices ``device_type`` would make: the loss's chunks (on CUDA eight
+    times the CPU's, each chunk's ops being launches there) and the spike rate's formulation
+    (an average pool on CUDA, a cumsum's difference on the CPU)."""
+    from model import loss, spiking
 
-    saved = loss._CHUNK_LOGITS["cpu"]
+    saved = loss._CHUNK_LOGITS["cpu"], spiking.RATE_BY_POOL["cpu"]
     loss._CHUNK_LOGITS["cpu"] = loss._CHUNK_LOGITS[device_type]
+    spiking.RATE_BY_POOL["cpu"] = spiking.RATE_BY_POOL[device_type]
     try:
         yield
     finally:
-        loss._CHUNK_LOGITS["cpu"] = saved
+        loss._CHUNK_LOGITS["cpu"], spiking.RATE_BY_POOL["cpu"] = saved

@@ -135,3 +135,24 @@ def test_an_op_with_its_own_kernel_counts_once_though_it_has_a_decomposition_too
     assert dict(c.aten) == {"silu_backward": 1}, c.aten
     assert torch.ops.aten.silu_backward.default.has_kernel_for_dispatch_key(
         torch._C.DispatchKey.CompositeImplicitAutograd), "the case this test is about"
+
+
+def test_the_gpu_path_is_counted_with_the_choices_cuda_makes():
+    """Counted on the CPU, the GPU path takes CUDA's formulations: the spike rate as an
+    average pool (two launches each way), not the CPU's cumsum difference, and restores the
+    CPU's afterwards."""
+    from benchmarks.launches import _sized_for
+    from model.spiking import spikes_to_features
+
+    spk = (torch.rand(2, 9, 4) < 0.5).float().requires_grad_()
+
+    def count():
+        with LaunchCounter() as c:
+            torch.autograd.grad(spikes_to_features(spk, spk, "rate", 3, 1.0, 1.0).sum(), spk)
+        return c.aten
+
+    cpu = count()
+    with _sized_for("cuda"):
+        cuda = count()
+    assert "avg_pool2d" in cuda and "avg_pool2d" not in cpu and "cumsum" in cpu
+    assert count() == cpu

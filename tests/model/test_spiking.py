@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
+from model import spiking
 from model.spiking import SpikingPath, spikes_to_features
 from tests.helpers import assert_close
 
@@ -16,6 +17,31 @@ def test_rate_features_are_a_causal_moving_average():
     spk = torch.tensor([1.0, 0, 1, 1, 0, 0, 1]).view(1, 7, 1)
     rate = spikes_to_features(spk, spk, "rate", window=3, tau=1.0, threshold=1.0).flatten()
     assert_close(rate, torch.tensor([1, 1, 2, 2, 2, 1, 1]) / 3.0)
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["cumsum (CPU)", "pool (CUDA)"])
+@pytest.mark.parametrize("window", [1, 3, 8, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rate_features_and_their_gradient_are_the_window_sums_over_the_window(window, dtype, pool, monkeypatch):
+    """Every token's feature is the sum of the last ``window`` spikes over ``window``, bit for
+    bit (sums of 0/1 are exact), whichever way the device computes it; its gradient spreads
+    each token's upstream over the window that read it. Also for a window longer than the
+    sequence and an empty one."""
+    monkeypatch.setitem(spiking.RATE_BY_POOL, "cpu", pool)
+    g = torch.Generator().manual_seed(window)
+    for length in (300, 5, 0):
+        spk = (torch.rand(2, length, 3, generator=g) < 0.5).to(dtype).requires_grad_()
+        rate = spikes_to_features(spk, spk, "rate", window=window, tau=1.0, threshold=1.0)
+        padded = torch.nn.functional.pad(spk, (0, 0, window, 0))
+        expected = [padded[:, t + 1:t + 1 + window].sum(1) / window for t in range(length)]
+        assert rate.shape == spk.shape and rate.dtype == dtype
+        if length == 0:
+            continue
+        assert torch.equal(rate, torch.stack(expected, 1)), f"length {length}"
+        up = torch.randn(rate.shape, generator=g).to(dtype)
+        (grad,) = torch.autograd.grad(rate, spk, up)
+        reads = [up[:, t:t + window].float().sum(1) / window for t in range(length)]
+        assert_close(grad.float(), torch.stack(reads, 1), dtype=dtype, msg=f"gradient, length {length}")
 
 
 def test_temporal_features_are_an_exponential_filter():
