@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from stability.adamw import FusedAdamW
 from stability.config import GuardConfig, PlasticityConfig, TrainConfig
 from stability.distributed import Dist, all_reduce_, local
 from stability.faults import FaultInjector
@@ -166,8 +167,8 @@ class Trainer:
         for g, lr in zip(groups, self._lrs.unbind(0)):
             g["lr"] = lr
         # capturable: the step a CUDA graph records reads its step counts on the device (--cuda-graphs)
-        self.optimizer = torch.optim.AdamW(groups, lr=torch.zeros((), device=device), fused=True,
-                                           capturable=cfg.cuda_graphs)
+        # torch's fused AdamW, every group's step counts advanced in one launch (stability/adamw.py)
+        self.optimizer = FusedAdamW(groups, lr=torch.zeros((), device=device), capturable=cfg.cuda_graphs)
         self.params = [p for g in groups for p in g["params"]]
         self._grad_index: dict[tuple[int, ...], torch.Tensor] = {}  # params with a gradient -> their index
         if dist.mode == "fsdp":
