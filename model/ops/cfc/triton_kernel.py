@@ -212,5 +212,6 @@ def cfc_scan_backward(gy: Tensor | None, gh: Tensor | None, h0: Tensor, w_h: Ten
     h_prev = torch.cat([h0.unsqueeze(1), y[:, :-1]], 1).view(b * l, q)  # (bl q)
     d_wh = d_zx.view(b * l, k).t() @ h_prev  # (k q): i dz^T (2 m_prev - 1), the i in d_zx
     dp = dp.view(l * b, 3 * q)  # each head's factor in already
-    d_wp = (dp.t() @ acts.view(l * b, k)).mul_(scale_out)  # (3q k)
+    # (3q k), scaled in the product's epilogue (beta 0: the uninitialised input is never read)
+    d_wp = torch.addmm(w_p.new_empty(w_p.shape), dp.t(), acts.view(l * b, k), beta=0, alpha=scale_out)
     return d_zx, d_h0, d_wh, d_wp, dp.sum(0)
