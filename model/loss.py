@@ -77,11 +77,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # each row's weight in the mean: 1 / count, 0 for an ignored row
             share = (valid / count).unsqueeze(1)  # (n 1)
             picks = targets.masked_fill(~valid, 0).unsqueeze(1)  # (n 1)
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            # the loss and grad_w start as their first chunk's sums, not as zeros added to (on
+            # CUDA, where the phases' losses are one chunk, each zero fill is a launch); split
+            # gives at least one chunk, an empty one for no rows
+            total, first = None, True
             hits = torch.zeros((), dtype=torch.int64, device=h.device)
             grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_grad else None
-            grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_grad else None
-            minus_one = torch.full((min(rows, h.shape[0]), 1), -1.0, device=h.device)  # fp32, as logp
+            grad_w = torch.empty(weight.shape, dtype=acc, device=h.device) if need_grad and dt == acc else None
             chunks = zip(hc.split(rows), picks.split(rows), share.split(rows), valid.split(rows),
                          grad_h.split(rows) if need_grad else itertools.repeat(None))
             for h_r, pick, w_r, valid_r, grad_h_r in chunks:
@@ -89,7 +91,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if count_hits:  # targets that are their row's argmax (first of ties, as argmax)
                     hits += ((logits.argmax(1, keepdim=True) == pick).squeeze(1) & valid_r).sum()
                 if not need_grad:
-                    total -= torch.where(valid_r, logits.log_softmax(1).gather(1, pick).squeeze(1), 0.0).sum()
+                    nll = -torch.where(valid_r, logits.log_softmax(1).gather(1, pick).squeeze(1), 0.0).sum()
+                    total = nll if first else total.add_(nll)
+                    first = False
                     continue
                 # softmax, not exp of the log-softmax: torch's CPU exp is ~35x slower where its
                 # result is subnormal (inputs below about -87), which a trained model's logits
@@ -98,18 +102,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # row's loss is logsumexp - its target's logit (two reductions and a gather).
                 p = logits.softmax(1)  # (r v)
                 lse = logits.amax(1) - p.amax(1).log()  # (r)
-                total += torch.where(valid_r, lse - logits.gather(1, pick).squeeze(1), 0.0).sum()
+                chunk = torch.where(valid_r, lse - logits.gather(1, pick).squeeze(1), 0.0).sum()
+                total = chunk if first else total.add_(chunk)
                 del logits
                 # d loss / d logits = share * (softmax - one-hot), the share applied to the
                 # (r d) sides of the two products rather than to the (r v) chunk.
-                g = p.scatter_add_(1, pick, minus_one[: len(pick)]).to(dt)  # (r v)
+                g = p.scatter_(1, pick, -1.0, reduce="add").to(dt)  # (r v)
                 del p
                 if dt == acc:  # straight into the buffers
                     torch.mm(g, wc, out=grad_h_r).mul_(w_r)  # (r d)
-                    grad_w.addmm_(g.t(), h_r * w_r)  # (v d)
+                    if first:
+                        torch.mm(g.t(), h_r * w_r, out=grad_w)  # (v d)
+                    else:
+                        grad_w.addmm_(g.t(), h_r * w_r)
                 else:  # products in dt (bf16, fp16), as F.linear's backward would run them; sums in fp32
                     grad_h_r.copy_(torch.mm(g, wc)).mul_(w_r)
-                    grad_w.add_(torch.mm(g.t(), h_r * w_r.to(dt)).float())
+                    product = torch.mm(g.t(), h_r * w_r.to(dt))
+                    grad_w = product.float() if first else grad_w.add_(product.float())
+                first = False
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h.dtype, weight.dtype)
@@ -130,10 +140,9 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_inde
                          rows: int | None = None, return_hits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """``linear_cross_entropy_ref`` without the whole logits: h (n d), weight (v d), targets
     (n) -> the mean loss (), in fp32; ``rows`` per chunk (default ``chunk_rows`` of v on h's
-    device). With
-    ``return_hits`` also the number of counted targets that are their row's argmax (int64,
-    for accuracy; one more pass over each chunk). Not twice differentiable. No host
-    synchronisation: the chunks follow from the shapes."""
+    device). With ``return_hits`` also the number of counted targets that are their row's
+    argmax (int64, for accuracy; one more pass over each chunk). Not twice differentiable.
+    No host synchronisation: the chunks follow from the shapes."""
     if h.dim() != 2 or weight.dim() != 2 or targets.shape != h.shape[:1] or h.shape[1] != weight.shape[1]:
         raise ValueError(f"expected h (n d), weight (v d), targets (n); got {tuple(h.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")

@@ -83,6 +83,18 @@ def test_every_target_ignored_gives_nan_as_the_plain_mean_does():
     assert torch.isnan(linear_cross_entropy(h, w, y, rows=3))
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_no_rows_give_nan_and_zero_gradients_as_the_plain_path(grad):
+    """An empty batch is one empty chunk: the sums still start from it."""
+    h, w = torch.randn(0, 4, requires_grad=grad), torch.randn(6, 4, requires_grad=grad)
+    y = torch.zeros(0, dtype=torch.long)
+    loss, hits = linear_cross_entropy(h, w, y, rows=2, return_hits=True)
+    assert loss.isnan() and hits.item() == 0
+    if grad:
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        assert gh.shape == (0, 4) and torch.equal(gw, torch.zeros(6, 4))
+
+
 def test_a_non_finite_hidden_state_poisons_loss_and_gradients_as_in_the_plain_path():
     h, w, y = inputs(12, 6, 20, ignored=0.0)
     h[4, 2] = float("nan")
