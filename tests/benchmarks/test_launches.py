@@ -111,7 +111,8 @@ def test_a_launch_inside_a_custom_op_counts_once_and_the_counter_leaves_triton_a
         assert InterpretedFunction.run is run
     assert dict(counts[0].triton) == {"_forward": 1, "_backward": 1}
     assert counts[0].aten == counts[1].aten
-    assert counts[0].aten["mm"] == 2 and counts[0].aten["cat"] == 1  # matmul, a composite, decomposed
+    assert counts[0].aten["mm"] == 1 and counts[0].aten["cat"] == 1  # matmul, a composite, decomposed
+    assert counts[0].aten["addmm"] == 1  # d w_p, scaled in the product
 
 
 def test_a_matmul_of_a_batch_of_sequences_counts_its_product_not_its_reshapes():
