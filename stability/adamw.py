@@ -7,8 +7,7 @@ each block's rate), so at phase 3 that was 30 launches of a GPU step. ``FusedAda
 to every group's counts and subtracts ``found_inf`` from them, in one launch each, before the
 groups' kernels: a skipped step's kernel changes nothing whatever count it reads, and after
 the step every count, moment and weight is what torch's step leaves. One launch a group, two
-a step.
-``tests/stability/test_adamw.py`` checks it against torch's step, bit for bit.
+a step. ``tests/stability/test_adamw.py`` checks it against torch's step, bit for bit.
 
 It is torch's ``AdamW`` in everything else (state, state dicts, lazy initialisation by
 torch's own ``_init_group``), so checkpoints written by either load into the other.
@@ -21,7 +20,7 @@ from torch.optim import Optimizer
 
 
 class FusedAdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW(..., fused=True)`` with one launch for all groups' step counts."""
+    """``torch.optim.AdamW(..., fused=True)`` with two launches for every group's step counts."""
 
     def __init__(self, params, **kwargs) -> None:
         if kwargs.pop("fused", True) is not True:

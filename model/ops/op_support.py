@@ -10,10 +10,11 @@ defaults, checking the outputs for aliases and the autograd layer's redispatch c
 30 µs a call each way on the CPU (a CfC scan and its backward at phase 1's shape: 735 µs
 through the ops, 674 µs through the Function; a LIF: 119 and 82 µs). Phase 1 calls six
 recurrences a step (two CfC scans, four LIFs): the Function path makes its CPU step 3%
-faster. On a GPU, 30 µs of host time is several kernel launches. So an eager call runs a plain ``autograd.Function`` whose forward,
-context and backward are the very functions the ops run, and a call under
-``torch.compile`` or a dispatch mode runs the ops. ``tests/model/ops/test_op_support.py``
-checks that both give the same values and gradients, bit for bit, for every recurrence.
+faster. On a GPU, 30 µs of host time is several kernel launches. So an eager call runs a
+plain ``autograd.Function`` whose forward, context and backward are the very functions the
+ops run, and a call under ``torch.compile`` or a dispatch mode runs the ops.
+``tests/model/ops/test_op_support.py`` checks that both give the same values and gradients,
+bit for bit, for every recurrence.
 """
 
 from __future__ import annotations
